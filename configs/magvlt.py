@@ -1,0 +1,171 @@
+"""MAGVLT configs: the whole system (transformer, image tokenizer, text, data, training,
+decoding, mesh, evaluation) in one ConfigDict.
+
+Variants:
+  tiny:  CPU-sized, trains end to end on the built-in synthetic dataset in minutes.
+  base:  24 layers x 1024 wide x 8 heads (371,533,056 params with the 49408 text vocab).
+  large: 36 layers x 1280 wide x 10 heads.
+
+Usage:
+  python -m magvlt_jax.main --config=configs/magvlt.py:tiny --workdir=/tmp/run
+  ... --config.train.num_steps=100 --config.data.name=coco_captions_folder --config.data.path=DIR
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _vqgan_config(variant):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")
+  spec = importlib.util.spec_from_file_location("_magvlt_vqgan_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+_SIZES = {  # num_layers, embed_dim, num_heads
+    "tiny": (4, 128, 4),
+    "base": (24, 1024, 8),
+    "large": (36, 1280, 10),
+}
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  if variant not in _SIZES:
+    raise ValueError(f"configs/magvlt.py: unknown variant {variant!r}; expected one of {sorted(_SIZES)}")
+  tiny = variant == "tiny"
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # --- image tokenizer (VQ-GAN); its codebook and grid fix the image side of the sequence.
+  c.vqgan = _vqgan_config("tiny" if tiny else "f16_16384")
+
+  # --- transformer
+  layers, width, heads = _SIZES[variant]
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = layers
+  c.model.embed_dim = width
+  c.model.num_heads = heads
+  c.model.mlp_ratio = 4
+  c.model.dropout_rate = 0.1  # residual (attention output and MLP output)
+  c.model.attention_dropout_rate = 0.1
+  c.model.embedding_dropout_rate = 0.0
+  c.model.layer_norm_eps = 1e-5
+  c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators
+  c.model.param_dtype = "float32"
+  c.model.causal = False  # True for the autoregressive baselines
+  c.model.remat = False  # rematerialise each block (saves activation memory at scale)
+  c.model.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn
+  c.model.length_classes = ml_collections.FieldReference(64 if not tiny else 24)
+
+  # --- sequence: [BOC, BOT, text, BOG, BOI, image] (T2I) or [BOC, BOI, image, BOG, BOT, text]
+  c.sequence = ml_collections.ConfigDict()
+  c.sequence.text_length = c.model.get_ref("length_classes")
+  grid = c.vqgan.image_size // 2 ** (len(c.vqgan.channel_mult) - 1)
+  c.sequence.image_tokens = grid * grid
+  c.sequence.image_vocab_size = c.vqgan.get_ref("codebook_size")
+  c.sequence.text_vocab_size = 49408 if not tiny else 128
+
+  # --- text tokenizer (sentencepiece BPE trained on the training captions, or loaded)
+  c.text = ml_collections.ConfigDict()
+  c.text.spm_model = ""  # path to a .model file; empty: train one into WORKDIR/text/
+  c.text.vocab_size = c.sequence.get_ref("text_vocab_size")
+  c.text.bpe_dropout = 0.1  # training split only
+  c.text.lowercase = True
+  c.text.max_training_sentences = 2_000_000
+
+  # --- data
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"  # synthetic | coco_captions_folder | image_text_list
+  c.data.path = ""  # source folder (COCO layout) or JSONL/CSV file for the non-synthetic builders
+  c.data.data_dir = ""  # where prepared TFDS datasets live; empty: WORKDIR/data
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.image_size = c.vqgan.get_ref("image_size")
+  c.data.global_batch_size = 32 if tiny else 4096
+  c.data.eval_batch_size = 32 if tiny else 256
+  c.data.num_workers = 0
+  c.data.shuffle_seed = 0
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_eval = 200
+  c.data.synthetic.image_size = c.data.get_ref("image_size")
+  c.data.synthetic.captions_per_image = 3
+
+  # --- training objective and loop
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 3000 if tiny else 40_000
+  c.train.task_weights = (8.0, 1.0, 1.0)  # T2I : I2T : IT2IT
+  c.train.image_mask_schedule = "cosine"  # cosine | linear | uniform
+  c.train.text_mask_schedule = "linear"
+  c.train.label_smoothing = 0.1
+  c.train.length_loss_weight = 0.01
+  c.train.use_unroll = True
+  c.train.use_mixsel = True
+  c.train.mixsel_weight = 0.5
+  c.train.log_every = 50 if tiny else 100
+  c.train.sample_every = 1000 if tiny else 5000
+  c.train.checkpoint_every = 500 if tiny else 2000
+  c.train.keep_checkpoints = 3
+  c.train.max_nonfinite_in_row = 10
+  c.train.num_sample_prompts = 8
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.peak_lr = 1e-3 if tiny else 1e-4
+  c.optimizer.warmup_steps = 100 if tiny else 4000
+  c.optimizer.end_lr_factor = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.96
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.045
+  c.optimizer.grad_clip_norm = 4.0
+
+  # --- decoding (SPEC section 5)
+  c.decoding = ml_collections.ConfigDict()
+  c.decoding.order = "maskgit"  # maskgit | mask_predict | random | raster
+  c.decoding.t2i_steps = 10
+  c.decoding.image_temperature = (1.4, 0.6)
+  c.decoding.gumbel_scale = (2.0, 0.2)
+  c.decoding.i2t_steps = 12
+  c.decoding.text_temperature = 0.1
+  c.decoding.text_top_k = 32
+  c.decoding.guidance_scale = 0.0  # classifier-free guidance; 0 = off
+  c.decoding.uncond_text_length = (8, 16)
+  c.decoding.num_image_candidates = 32 if not tiny else 4
+  c.decoding.num_text_candidates = 64 if not tiny else 4
+  c.decoding.rerank = "auto"  # auto (CLIP if weights given, else likelihood) | clip | likelihood | none
+  c.decoding.clip_weights = ""  # user-supplied CLIP checkpoint
+
+  # --- sampling job (--mode=sample)
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts_file = ""
+  c.sample.images_dir = ""
+  c.sample.output_dir = ""  # empty: WORKDIR/samples
+  c.sample.batch_size = 8
+  c.sample.checkpoint_step = -1  # -1: latest
+
+  # --- device mesh
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.strategy = "data"  # data | fsdp | fsdp_tensor
+  c.mesh.data = -1  # -1 fills with the remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.num_slices = 1
+  c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  # --- evaluation (--mode=evaluate)
+  c.eval = ml_collections.ConfigDict()
+  c.eval.checkpoint_step = -1
+  c.eval.num_t2i = 64 if tiny else 30_000
+  c.eval.num_i2t = 64 if tiny else 5_000
+  c.eval.batch_size = 16 if tiny else 64
+  c.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05 state dict or .npz
+  c.eval.clip_weights = c.decoding.get_ref("clip_weights")
+  c.eval.spice_corenlp_jar = ""
+  c.eval.blur_fid_radius = 0.0  # >0: L-Verse's FID-k on blurred images
+  c.eval.text_temperature = 0.5
+  c.eval.compare = ""  # path of another report: print the differences
+  c.eval.output_dir = ""  # empty: WORKDIR/eval
+  return c
