@@ -1,0 +1,211 @@
+"""Checkpoints: an orbax CheckpointManager for train states plus the data-iterator state.
+
+Layout of one step (orbax 0.12.x `ocp.args.Composite`):
+  DIR/<step>/state/   the train state pytree (StandardSave; restored only against an abstract target,
+                      so optax NamedTuples and flax struct dataclasses come back with their types)
+  DIR/<step>/data/    the JSON state of the input iterator (JsonSave), so a resumed run sees exactly
+                      the batches an uninterrupted run would have seen.
+
+Which steps are written is a save-decision policy (every `save_every` steps, or `force=True`, e.g. on
+SIGTERM); which are kept is a preservation policy (the latest `keep`). Also here: `load_params`
+(params only, shape-checked, for the sampler/eval) and WORKDIR/config.json helpers.
+"""
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = "state"
+_DATA = "data"
+_policies = ocp.checkpoint_managers
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs for `tree` (arrays or structs); entries without a sharding get device 0's.
+
+  Restoring with a sharding-less target makes orbax read the saved sharding, which is unsafe on a
+  different topology, so we always give one.
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def one(x):
+    x = ocp.utils.to_shape_dtype_struct(x)
+    if isinstance(x, jax.ShapeDtypeStruct) and getattr(x, "sharding", None) is None:
+      x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+    return x
+
+  return jax.tree.map(one, tree)
+
+
+def _handlers() -> dict:
+  # Explicit handlers so a fresh manager (a restarted job) can read metadata before any save.
+  return {_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler()}
+
+
+class CheckpointStore:
+  """Saves/restores `{state, data}` per step under `directory` with keep-N preservation.
+
+  `save_every`: the save-decision interval (steps that are not multiples are skipped unless
+  `force=True`). `async_save`: write in a background thread (call `wait()` before reading back).
+  """
+
+  def __init__(self, directory: str, keep: int = 3, save_every: int = 1, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"CheckpointStore: keep must be >= 1 (config.train.keep_checkpoints), got {keep}")
+    if save_every < 1:
+      raise ValueError(f"CheckpointStore: save_every must be >= 1 (config.train.checkpoint_every), "
+                       f"got {save_every}")
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=_policies.FixedIntervalPolicy(save_every),
+        preservation_policy=_policies.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+  def save(self, step: int, state: Any, data_state: Optional[dict] = None, force: bool = False) -> bool:
+    """Saves `state` (+ the iterator's JSON state) at `step`; returns whether it was written."""
+    data = {"iterator": _jsonable(data_state)}  # wrapped so that `None` round-trips
+    return self._manager.save(
+        int(step), force=force,
+        args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)}))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    return list(self._manager.all_steps())
+
+  def restore(self, step: int, abstract_state: Any) -> tuple:
+    """Restores step `step` against `abstract_state` (arrays or ShapeDtypeStructs, with shardings)."""
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available: {self.all_steps()}")
+    _check_shapes(self._manager.item_metadata(step)[_STATE], abstract_state, f"{self.directory}/{step}")
+    out = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(_abstract(abstract_state)), _DATA: ocp.args.JsonRestore()}))
+    data = out[_DATA] or {}
+    return out[_STATE], data.get("iterator")
+
+  def restore_latest(self, abstract_state: Any) -> tuple:
+    """(state, data_state) of the latest step, or (None, None) when there is no checkpoint."""
+    step = self.latest_step()
+    if step is None:
+      return None, None
+    logging.info("Restoring checkpoint step %d from %s", step, self.directory)
+    return self.restore(step, abstract_state)
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _jsonable(x: Any) -> Any:
+  """numpy scalars/arrays inside an iterator state -> plain JSON types."""
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.ndarray, np.generic)):
+    return x.tolist()
+  return x
+
+
+def _leaf_shapes(tree: Any) -> dict:
+  """{'a/b/c': shape} for every leaf with a shape (arrays, ShapeDtypeStructs, orbax metadata)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = {}
+  for path, leaf in flat:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out["/".join(_key_name(k) for k in path)] = tuple(shape)
+  return out
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _check_shapes(metadata: Any, abstract: Any, where: str, prefix: str = ""):
+  """Raises ValueError naming every param path whose saved shape differs from the target's."""
+  tree = getattr(metadata, "tree", metadata)
+  saved = _leaf_shapes(tree)
+  wanted = _leaf_shapes(abstract)
+  if prefix:
+    saved = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+  bad = [f"  {k}: checkpoint {saved[k]} vs model {wanted[k]}"
+         for k in sorted(wanted) if k in saved and saved[k] != wanted[k]]
+  missing = [f"  {k}: not in checkpoint" for k in sorted(wanted) if k not in saved]
+  if bad or missing:
+    lines = bad + missing[:20] + ([f"  ... {len(missing) - 20} more missing"] if len(missing) > 20 else [])
+    raise ValueError(f"checkpoint {where} does not match the configured model "
+                     f"(does the config match the one it was trained with?):\n" + "\n".join(lines))
+
+
+def load_params(directory: str, step: Optional[int] = None, abstract: Any = None) -> Any:
+  """Params of a train-state checkpoint (latest step unless `step`), without the optimizer state.
+
+  `directory`: a checkpoints directory, or a workdir containing `checkpoints/`. `abstract`: the
+  expected params pytree (arrays or ShapeDtypeStructs, optionally sharded); shapes are checked and a
+  mismatch raises ValueError naming the param path. Without `abstract` the saved shapes are used.
+  """
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers=_handlers(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  steps = list(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {directory}")
+  step = max(steps) if step is None or step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {sorted(steps)}")
+  meta = getattr(manager.item_metadata(step)[_STATE], "tree", None)
+  if abstract is None:
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["params"])
+  else:
+    _check_shapes({"params": meta["params"]}, {"params": abstract}, f"{directory}/{step}")
+  path = os.path.join(directory, str(step), _STATE)
+  item = {"params": _abstract(abstract)}
+  out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  manager.close()
+  return out["params"]
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict):
+  """Writes WORKDIR/config.json (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _tuples(x):
+  # JSON has no tuples; every sequence in our configs is a tuple.
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads WORKDIR/config.json (or a path to a .json file) back into a ConfigDict."""
+  path = workdir if workdir.endswith(".json") else os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json at {path}; pass --config explicitly")
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
