@@ -1,0 +1,189 @@
+"""The MAGVLT vision-and-language transformer (SPEC section 2), flax.linen.
+
+Embeddings: one shared token table [image_vocab + text_vocab, D] (image code v -> row v, text id
+w -> row image_vocab + w), a special table [10, D] (incl. MASK_IMG/MASK_TXT and the MixSel
+selectors), and learned positions for image [n_img, D], text [n_txt, D] and special slots [L, D].
+Blocks are pre-LN with no final LayerNorm; the head is Dense -> GELU -> LayerNorm, tied to the
+token table plus an output bias, evaluated per modality on its own vocabulary slice only. The
+length head reads the BOT slot. Bidirectional by default; `causal=True` for the AR baselines.
+
+Call (see CONTRACT):
+  model.apply({'params': p}, inputs, attn_mask, layout=layout, deterministic=True,
+              outputs=('image', 'text', 'length'), rngs={'dropout': key})
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magvlt_jax import sequence as seq
+from magvlt_jax.models import layers
+
+ALL_OUTPUTS = ("image", "text", "length", "hidden")
+
+
+class VLTransformer(nn.Module):
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  image_vocab_size: int
+  text_vocab_size: int
+  n_img: int
+  n_txt: int
+  length_classes: int
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  embedding_dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-5
+  causal: bool = False
+  remat: bool = False
+  attention_impl: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def seq_length(self) -> int:
+    return 4 + self.n_img + self.n_txt
+
+  def _embed(self, inputs: seq.ModelInput, tok_table):
+    d, pd = self.embed_dim, self.param_dtype
+    spc_table = self.param("special_embed", layers.normal_init(("special", "embed")),
+                           (seq.NUM_SPECIAL, d), pd)
+    pos_img = self.param("pos_img", layers.normal_init(("positions", "embed")), (self.n_img, d), pd)
+    pos_txt = self.param("pos_txt", layers.normal_init(("positions", "embed")), (self.n_txt, d), pd)
+    pos_spc = self.param("pos_spc", layers.normal_init(("positions", "embed")), (self.seq_length, d), pd)
+    ids, pos = inputs.ids, inputs.local_pos
+    is_special = inputs.is_special[..., None]
+    x = jnp.where(is_special, jnp.take(spc_table, jnp.minimum(ids, seq.NUM_SPECIAL - 1), axis=0),
+                  jnp.take(tok_table, ids, axis=0))
+    # Masked image/text slots keep their modality position and also get pos_spc (official quirk).
+    is_img = (inputs.modality == seq.MODALITY_IMAGE)[..., None]
+    is_txt = (inputs.modality == seq.MODALITY_TEXT)[..., None]
+    x = x + jnp.where(is_img, jnp.take(pos_img, jnp.clip(pos, max=self.n_img - 1), axis=0), 0.0)
+    x = x + jnp.where(is_txt, jnp.take(pos_txt, jnp.clip(pos, max=self.n_txt - 1), axis=0), 0.0)
+    x = x + jnp.where(is_special, jnp.take(pos_spc, pos, axis=0), 0.0)
+    return x.astype(self.dtype)
+
+  def _head(self, h, tok_table, bias, lo, hi, dense, norm):
+    h = norm(nn.gelu(dense(h), approximate=False))
+    w = tok_table[lo:hi].astype(self.dtype)
+    logits = jnp.einsum("bld,vd->blv", h, w, preferred_element_type=jnp.float32)
+    return logits + bias[lo:hi].astype(jnp.float32)
+
+  @nn.compact
+  def __call__(self, inputs: seq.ModelInput, attn_mask=None, *, layout: seq.Layout,
+               deterministic: bool = True, outputs: Sequence[str] = ("image", "text", "length"),
+               predict_next: bool = False):
+    """Returns a dict with the requested outputs (logits in float32).
+
+    attn_mask: bool [B, 1, L, L] from sequence.attention_mask (None: full attention).
+    predict_next: read the image/text logits one slot earlier (AR baselines: slot i predicts
+    slot i + 1, so BOI predicts image token 0 and BOT predicts text token 0).
+    """
+    bad = [o for o in outputs if o not in ALL_OUTPUTS]
+    if bad:
+      raise ValueError(f"VLTransformer: unknown outputs {bad}; expected a subset of {ALL_OUTPUTS}")
+    if inputs.ids.shape[1] != self.seq_length or layout.length != self.seq_length:
+      raise ValueError(f"VLTransformer: sequence length {inputs.ids.shape[1]} / layout "
+                       f"{layout.length} does not match the model's {self.seq_length}")
+    vocab = self.image_vocab_size + self.text_vocab_size
+    tok_table = self.param("token_embed", layers.normal_init(("vocab", "embed")),
+                           (vocab, self.embed_dim), self.param_dtype)
+    x = self._embed(inputs, tok_table)
+    x = nn.Dropout(self.embedding_dropout_rate, deterministic=deterministic)(x)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    mask = attn_mask
+    if self.causal:
+      mask = seq.causal_mask(self.seq_length) if mask is None else mask & seq.causal_mask(self.seq_length)
+    block_cls = layers.maybe_remat(layers.Block, self.remat)
+    for i in range(self.num_layers):
+      x = block_cls(self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
+                    self.attention_dropout_rate, self.layer_norm_eps, deterministic,
+                    self.attention_impl, self.dtype, self.param_dtype, name=f"block_{i}")(x, mask)
+
+    result = {}
+    if "hidden" in outputs:
+      result["hidden"] = x
+    if "image" in outputs or "text" in outputs:
+      dense = layers.dense(self.embed_dim, ("embed", "mlp"), self.dtype, self.param_dtype,
+                           name="head_dense")
+      norm = layers.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="head_ln")
+      bias = self.param("output_bias", layers.zeros_init(("vocab",)), (vocab,), self.param_dtype)
+      shift = 1 if predict_next else 0
+      if "image" in outputs:
+        start = layout.image_start - shift
+        h = x[:, start:start + self.n_img]
+        result["image"] = self._head(h, tok_table, bias, 0, self.image_vocab_size, dense, norm)
+      if "text" in outputs:
+        start = layout.text_start - shift
+        h = x[:, start:start + self.n_txt]
+        result["text"] = self._head(h, tok_table, bias, self.image_vocab_size, vocab, dense, norm)
+    if "length" in outputs:
+      length_head = layers.dense(self.length_classes, ("embed", "length_classes"), self.dtype,
+                                 self.param_dtype, use_bias=False, name="length_head")
+      result["length"] = length_head(x[:, layout.bot_index]).astype(jnp.float32)
+    return result
+
+
+def from_config(config, **overrides) -> VLTransformer:
+  """VLTransformer from a full magvlt config (config.model + config.sequence)."""
+  m, s = config.model, config.sequence
+  kwargs = dict(
+      num_layers=int(m.num_layers), embed_dim=int(m.embed_dim), num_heads=int(m.num_heads),
+      image_vocab_size=int(s.image_vocab_size), text_vocab_size=int(s.text_vocab_size),
+      n_img=int(s.image_tokens), n_txt=int(s.text_length), length_classes=int(m.length_classes),
+      mlp_ratio=int(m.mlp_ratio), dropout_rate=float(m.dropout_rate),
+      attention_dropout_rate=float(m.attention_dropout_rate),
+      embedding_dropout_rate=float(m.embedding_dropout_rate),
+      layer_norm_eps=float(m.layer_norm_eps), causal=bool(m.causal), remat=bool(m.remat),
+      attention_impl=str(m.attention_impl), dtype=layers.get_dtype(m.dtype),
+      param_dtype=layers.get_dtype(m.param_dtype))
+  kwargs.update(overrides)
+  return VLTransformer(**kwargs)
+
+
+def dummy_inputs(config, batch: int = 1):
+  """(layout, ModelInput, attn_mask) of the configured shapes (T2I layout, nothing masked)."""
+  layout = seq.layout_from_config(config, seq.Task.T2I)
+  inputs = seq.build_input(layout, jnp.zeros((batch, layout.n_img), jnp.int32),
+                           jnp.zeros((batch, layout.n_txt), jnp.int32),
+                           image_vocab_size=int(config.sequence.image_vocab_size))
+  mask = seq.attention_mask(layout, jnp.full((batch,), layout.n_txt, jnp.int32))
+  return layout, inputs, mask
+
+
+def _init_fn(config):
+  model = from_config(config)
+  layout, inputs, mask = dummy_inputs(config)
+
+  def init(rng):
+    variables = model.init({"params": rng}, inputs, mask, layout=layout, deterministic=True,
+                           outputs=("image", "text", "length"))
+    return variables["params"]
+  return init
+
+
+def init_params(config, rng, boxed: bool = False):
+  """Randomly initialised params (plain nested dicts; `boxed=True` keeps LogicallyPartitioned)."""
+  params = jax.jit(_init_fn(config))(rng)
+  return params if boxed else nn.meta.unbox(params)
+
+
+def param_shapes(config, boxed: bool = False):
+  """Abstract params (jax.ShapeDtypeStruct leaves) via jax.eval_shape: nothing is allocated."""
+  params = jax.eval_shape(_init_fn(config), jax.random.key(0))
+  return params if boxed else nn.meta.unbox(params)
+
+
+def param_count(config) -> int:
+  """Number of transformer parameters of `config` (no allocation)."""
+  leaves = jax.tree.leaves(param_shapes(config))
+  return int(sum(int(np.prod(x.shape)) for x in leaves))
+
+
+def logical_axes(config):
+  """Pytree of logical axis-name tuples matching init_params(...) (for sharding rules)."""
+  return nn.get_partition_spec(param_shapes(config, boxed=True))
