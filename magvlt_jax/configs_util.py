@@ -1,0 +1,214 @@
+"""Loading configs from `path.py:variant` strings and validating them at start-up.
+
+Every error names the offending key and what to change, e.g.
+  ValueError: config.model.embed_dim=130 is not divisible by config.model.num_heads=4; ...
+"""
+import importlib.util
+import math
+import os
+
+from magvlt_jax import masking
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DTYPES = ("float32", "bfloat16", "float16")
+DECODING_ORDERS = ("maskgit", "mask_predict", "random", "raster")
+MESH_STRATEGIES = ("data", "fsdp", "fsdp_tensor")
+DATASETS = ("synthetic", "coco_captions_folder", "image_text_list")
+ATTENTION_IMPLS = ("xla", "cudnn")
+RERANKERS = ("auto", "clip", "likelihood", "none")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+def load_config(spec: str):
+  """Loads `path/to/config.py[:variant]` via importlib and returns get_config(variant).
+
+  Relative paths are tried against the working directory, then the repository root.
+  """
+  path, _, variant = spec.partition(":")
+  candidates = [path, os.path.join(_REPO_ROOT, path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise ValueError(f"load_config: config file {path!r} not found (tried {candidates})")
+  name = "_magvlt_config_" + os.path.splitext(os.path.basename(found))[0]
+  module_spec = importlib.util.spec_from_file_location(name, found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"load_config: {found} defines no get_config()")
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _fail(key, value, problem, fix):
+  raise ValueError(f"config.{key}={value!r} {problem}; {fix}")
+
+
+def _one_of(config, key, choices):
+  value = _get(config, key)
+  if value not in choices:
+    _fail(key, value, "is not a known value", f"use one of {list(choices)}")
+
+
+def _positive(config, key, allow_zero=False):
+  value = _get(config, key)
+  ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
+  if not ok:
+    _fail(key, value, "must be " + ("non-negative" if allow_zero else "positive"),
+          "set a number " + (">= 0" if allow_zero else "> 0"))
+
+
+def _get(config, key):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise ValueError(f"config.{key} is missing; add it (see configs/magvlt.py)")
+    node = node[part]
+  return node
+
+
+def _validate_model(config):
+  m = config.model
+  for key in ("num_layers", "embed_dim", "num_heads", "mlp_ratio", "length_classes"):
+    _positive(config, f"model.{key}")
+  if m.embed_dim % m.num_heads:
+    _fail("model.embed_dim", m.embed_dim, f"is not divisible by config.model.num_heads={m.num_heads}",
+          "choose embed_dim = num_heads * head_dim")
+  for key in ("dropout_rate", "attention_dropout_rate", "embedding_dropout_rate"):
+    value = _get(config, f"model.{key}")
+    if not 0.0 <= value < 1.0:
+      _fail(f"model.{key}", value, "must be in [0, 1)", "use e.g. 0.1 (or 0.0 to disable)")
+  _positive(config, "model.layer_norm_eps")
+  _one_of(config, "model.dtype", DTYPES)
+  _one_of(config, "model.param_dtype", DTYPES)
+  _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
+
+
+def _validate_vqgan(config):
+  v = config.vqgan
+  _one_of(config, "vqgan.dtype", DTYPES)
+  _one_of(config, "vqgan.param_dtype", DTYPES)
+  for key in ("image_size", "base_channels", "codebook_size", "embed_dim", "z_channels"):
+    _positive(config, f"vqgan.{key}")
+  if len(v.channel_mult) < 1:
+    _fail("vqgan.channel_mult", v.channel_mult, "is empty", "give one multiplier per level")
+  factor = 2 ** (len(v.channel_mult) - 1)
+  if v.image_size % factor:
+    _fail("vqgan.image_size", v.image_size,
+          f"is not divisible by the downsampling factor 2**(len(vqgan.channel_mult)-1)={factor}",
+          f"use a multiple of {factor}")
+  if v.base_channels % v.norm_groups or any((v.base_channels * c) % v.norm_groups for c in v.channel_mult):
+    _fail("vqgan.norm_groups", v.norm_groups, "does not divide every level's channel count",
+          "pick a divisor of vqgan.base_channels * each channel_mult")
+  _one_of(config, "vqgan.loss.reconstruction", RECONSTRUCTION_LOSSES)
+
+
+def _validate_sequence(config):
+  s, v, m = config.sequence, config.vqgan, config.model
+  for key in ("text_length", "image_tokens", "image_vocab_size", "text_vocab_size"):
+    _positive(config, f"sequence.{key}")
+  grid = v.image_size // 2 ** (len(v.channel_mult) - 1)
+  if s.image_tokens != grid * grid:
+    _fail("sequence.image_tokens", s.image_tokens,
+          f"does not match the VQ-GAN code grid {grid}x{grid} (vqgan.image_size={v.image_size}, "
+          f"vqgan.channel_mult={tuple(v.channel_mult)})", f"set it to {grid * grid}")
+  if s.image_vocab_size != v.codebook_size:
+    _fail("sequence.image_vocab_size", s.image_vocab_size,
+          f"differs from vqgan.codebook_size={v.codebook_size}", "set both to the codebook size")
+  if s.text_length != m.length_classes:
+    _fail("sequence.text_length", s.text_length,
+          f"differs from model.length_classes={m.length_classes} (the length head predicts 1..text_length)",
+          "set model.length_classes = sequence.text_length")
+  if config.text.vocab_size > s.text_vocab_size:
+    _fail("text.vocab_size", config.text.vocab_size,
+          f"exceeds sequence.text_vocab_size={s.text_vocab_size} (rows of the token table)",
+          "lower text.vocab_size or raise sequence.text_vocab_size")
+  if not 0.0 <= config.text.bpe_dropout < 1.0:
+    _fail("text.bpe_dropout", config.text.bpe_dropout, "must be in [0, 1)", "use 0.1 or 0.0")
+
+
+def _validate_train(config):
+  t = config.train
+  weights = tuple(t.task_weights)
+  if len(weights) != 3:
+    _fail("train.task_weights", weights, "must have 3 entries (T2I, I2T, IT2IT)", "e.g. (8, 1, 1)")
+  if any((not math.isfinite(w)) or w < 0 for w in weights) or sum(weights) <= 0:
+    _fail("train.task_weights", weights, "must be non-negative with a positive sum", "e.g. (8, 1, 1)")
+  _one_of(config, "train.image_mask_schedule", masking.SCHEDULES)
+  _one_of(config, "train.text_mask_schedule", masking.SCHEDULES)
+  if not 0.0 <= t.label_smoothing < 1.0:
+    _fail("train.label_smoothing", t.label_smoothing, "must be in [0, 1)", "use 0.1 or 0.0")
+  for key in ("length_loss_weight", "mixsel_weight"):
+    _positive(config, f"train.{key}", allow_zero=True)
+  for key in ("num_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+              "max_nonfinite_in_row"):
+    _positive(config, f"train.{key}")
+  o = config.optimizer
+  _positive(config, "optimizer.peak_lr")
+  _positive(config, "optimizer.warmup_steps", allow_zero=True)
+  _positive(config, "optimizer.grad_clip_norm")
+  _positive(config, "optimizer.weight_decay", allow_zero=True)
+  for key in ("b1", "b2"):
+    if not 0.0 <= o[key] < 1.0:
+      _fail(f"optimizer.{key}", o[key], "must be in [0, 1)", "use e.g. 0.9 / 0.96")
+
+
+def _validate_data(config):
+  d = config.data
+  _one_of(config, "data.name", DATASETS)
+  if d.name != "synthetic" and not d.path:
+    _fail("data.path", d.path, f"is empty but data.name={d.name!r} reads from a source",
+          "pass --config.data.path=DIR_OR_FILE (or use data.name=synthetic)")
+  for key in ("global_batch_size", "eval_batch_size"):
+    _positive(config, f"data.{key}")
+  _positive(config, "data.num_workers", allow_zero=True)
+  if d.image_size != config.vqgan.image_size:
+    _fail("data.image_size", d.image_size, f"differs from vqgan.image_size={config.vqgan.image_size}",
+          "set both to the same size")
+
+
+def _validate_decoding_and_mesh(config):
+  dec = config.decoding
+  _one_of(config, "decoding.order", DECODING_ORDERS)
+  _one_of(config, "decoding.rerank", RERANKERS)
+  for key in ("t2i_steps", "i2t_steps", "text_top_k", "num_image_candidates", "num_text_candidates"):
+    _positive(config, f"decoding.{key}")
+  for key in ("image_temperature", "gumbel_scale"):
+    value = tuple(dec[key])
+    if len(value) != 2 or min(value) < 0:
+      _fail(f"decoding.{key}", value, "must be a (start, end) pair of non-negative numbers",
+            "e.g. (1.4, 0.6)")
+  if dec.text_top_k > config.sequence.text_vocab_size:
+    _fail("decoding.text_top_k", dec.text_top_k, "exceeds sequence.text_vocab_size",
+          "use a smaller top-k (32)")
+  lo, hi = tuple(dec.uncond_text_length)
+  if not 1 <= lo <= hi <= config.sequence.text_length:
+    _fail("decoding.uncond_text_length", (lo, hi), "must satisfy 1 <= lo <= hi <= sequence.text_length",
+          f"e.g. (8, {min(16, config.sequence.text_length)})")
+  mesh = config.mesh
+  _one_of(config, "mesh.strategy", MESH_STRATEGIES)
+  for key in ("fsdp", "tensor", "num_slices"):
+    _positive(config, f"mesh.{key}")
+  if mesh.data != -1 and mesh.data < 1:
+    _fail("mesh.data", mesh.data, "must be -1 (fill with the remaining devices) or positive", "use -1")
+  if mesh.strategy == "data" and (mesh.fsdp != 1 or mesh.tensor != 1):
+    _fail("mesh.strategy", mesh.strategy, f"ignores mesh.fsdp={mesh.fsdp} / mesh.tensor={mesh.tensor}",
+          "use mesh.strategy=fsdp or fsdp_tensor, or set fsdp=tensor=1")
+  if mesh.strategy == "fsdp" and mesh.tensor != 1:
+    _fail("mesh.tensor", mesh.tensor, "needs mesh.strategy=fsdp_tensor", "set mesh.strategy=fsdp_tensor")
+  if mesh.tensor > 1 and config.model.num_heads % mesh.tensor:
+    _fail("mesh.tensor", mesh.tensor, f"does not divide model.num_heads={config.model.num_heads}",
+          "pick a divisor of num_heads")
+
+
+def validate_config(config):
+  """Checks value ranges and cross-key consistency; raises ValueError naming the key and the fix.
+
+  Returns the config unchanged so it can be chained: `config = validate_config(load_config(...))`.
+  """
+  _validate_model(config)
+  _validate_vqgan(config)
+  _validate_sequence(config)
+  _validate_train(config)
+  _validate_data(config)
+  _validate_decoding_and_mesh(config)
+  return config
