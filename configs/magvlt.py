@@ -168,4 +168,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.text_temperature = 0.5
   c.eval.compare = ""  # path of another report: print the differences
   c.eval.output_dir = ""  # empty: WORKDIR/eval
+  c.eval.seed = 0  # PRNG seed of every sampler call in the job (same seed -> same report)
+  c.eval.num_inpaint = 64 if tiny else 5_000
+  c.eval.num_infill = 64 if tiny else 5_000
+  c.eval.num_recon = 64 if tiny else 5_000  # tokenizer reconstruction metrics
+  c.eval.inpaint_size = 4 if tiny else 8  # centre region of inpaint_size x inpaint_size codes
+  c.eval.num_grid = 16  # examples per sample grid
+  # Which data to evaluate on; empty: the trained config's data.name / data.path / data.eval_split
+  # (e.g. zero-shot COCO: eval.data_name=coco_captions_folder eval.data_path=DIR).
+  c.eval.data_name = ""
+  c.eval.data_path = ""
+  c.eval.split = ""
   return c
