@@ -190,11 +190,10 @@ def _validate_decoding_and_mesh(config):
     _positive(config, f"mesh.{key}")
   if mesh.data != -1 and mesh.data < 1:
     _fail("mesh.data", mesh.data, "must be -1 (fill with the remaining devices) or positive", "use -1")
-  if mesh.strategy == "data" and (mesh.fsdp != 1 or mesh.tensor != 1):
-    _fail("mesh.strategy", mesh.strategy, f"ignores mesh.fsdp={mesh.fsdp} / mesh.tensor={mesh.tensor}",
-          "use mesh.strategy=fsdp or fsdp_tensor, or set fsdp=tensor=1")
-  if mesh.strategy == "fsdp" and mesh.tensor != 1:
-    _fail("mesh.tensor", mesh.tensor, "needs mesh.strategy=fsdp_tensor", "set mesh.strategy=fsdp_tensor")
+  if mesh.tensor != 1 and mesh.strategy != "fsdp_tensor":
+    # Only fsdp_tensor maps anything onto 'tensor'; elsewhere those devices would repeat work.
+    _fail("mesh.tensor", mesh.tensor, f"is unused by mesh.strategy={mesh.strategy!r}",
+          "set mesh.strategy=fsdp_tensor or mesh.tensor=1")
   if mesh.tensor > 1 and config.model.num_heads % mesh.tensor:
     _fail("mesh.tensor", mesh.tensor, f"does not divide model.num_heads={config.model.num_heads}",
           "pick a divisor of num_heads")
