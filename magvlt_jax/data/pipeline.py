@@ -1,0 +1,264 @@
+"""Input pipeline: prepared TFDS dataset (array_record) -> tfds data source -> grain -> host-local
+numpy batches. No TensorFlow.
+
+Determinism and resumption: batch k of host h is a pure function of (dataset, seed, k, h, hosts).
+Host-local stream position p maps to epoch e = p // m and record perm_e[h + (p % m) * hosts] with
+m = n // hosts and perm_e a permutation seeded by (seed, e) shared by all hosts, so in every epoch
+each host reads a disjoint 1/hosts of the records (n % hosts records of each epoch are left out so
+all hosts yield the same number of batches). Crop, caption choice and BPE-dropout use an RNG
+seeded by (seed, e, record). The iterator state is {"next_batch": k, ...}: JSON-able, and a
+restored iterator yields exactly the batches an uninterrupted one would.
+
+Batch (numpy, host-local): image uint8 [B,S,S,3]; image_lr uint8 [B,S,S/2,3]; image_tb uint8
+[B,S/2,S,3]; text int32 [B,n_txt] (EOS padded); text_length int32 [B] (counts the EOS); eval
+batches add captions (list of lists of str), image_id int64 [B] and valid bool [B] (padding rows
+of the last batch are False). Global arrays: parallel.global_batch(batch, mesh).
+"""
+import functools
+import logging
+import os
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from magvlt_jax.data import builders
+from magvlt_jax.data import synthetic as synthetic_lib
+from magvlt_jax.data import transforms
+from magvlt_jax.data import validate
+
+_STREAM_LENGTH = 2**60  # "infinite" training stream of host-local positions
+_MAX_FALLBACKS = 16
+
+
+def _hosts(process_index, process_count):
+  pi = jax.process_index() if process_index is None else int(process_index)
+  pc = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi} must be in [0, process_count={pc})")
+  return pi, pc
+
+
+def _local_batch(global_batch: int, pc: int, key: str) -> int:
+  if global_batch % pc:
+    raise ValueError(f"{key}={global_batch} is not divisible by the {pc} processes")
+  return global_batch // pc
+
+
+def open_source(config, split: str, *, workdir=None, data_dir=None):
+  """Prepares the dataset if needed; -> (tfds data source, prepare counts)."""
+  data_dir = data_dir or builders.default_data_dir(config, workdir)
+  builder = builders.get_builder(config, data_dir)
+  info = builders.prepare(config, data_dir, builder)
+  if split not in info["splits"]:
+    raise ValueError(f"split {split!r} not in dataset {config.data.name} at {info['path']}; "
+                     f"available: {sorted(info['splits'])} (config.data.train_split/eval_split)")
+  if info["splits"][split] == 0:
+    raise ValueError(f"split {split!r} of {info['path']} is empty (all records skipped? "
+                     f"counts: {info['counts']})")
+  return builder.as_data_source(split), info["counts"]
+
+
+class _Reader:
+  """Turns record indices into examples; shared by the train and eval datasets."""
+
+  def __init__(self, config, source, tokenizer, *, train: bool, seed: int):
+    self.source, self.tokenizer, self.train, self.seed = source, tokenizer, train, seed
+    self.size = int(config.data.image_size)
+    self.text_length = int(config.sequence.text_length)
+    self.dropout = float(config.text.bpe_dropout) if train else 0.0
+    self.max_pixels = validate.limits_from_config(config).max_image_pixels
+    self.counter = validate.Counter()
+    self.n = len(source)
+
+  @functools.lru_cache(maxsize=4)
+  def permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+  def _decode(self, record, index: int):
+    draft = round(9 / 8 * self.size) if self.train else self.size
+    try:
+      return transforms.decode_image(record["image"], max_pixels=self.max_pixels,
+                                     draft_size=draft)
+    except transforms.BadImageError as e:
+      self.counter.add(f"read_{e.reason}", f"record {index} ({e})")
+      logging.warning("data: skipping unreadable record %d (%s)", index, e)
+      return None
+
+  def _load(self, index: int, record):
+    """-> (record, decoded PIL image, index used); falls forward over unreadable records."""
+    for k in range(_MAX_FALLBACKS):
+      i = (index + k) % self.n
+      record = record if k == 0 else self.source[i]
+      img = self._decode(record, i)
+      if img is not None:
+        return record, img, i
+    raise RuntimeError(f"data: {_MAX_FALLBACKS} consecutive unreadable records from {index}; "
+                       "re-run tools/prepare_data on the source")
+
+  def batch(self, indices, rngs, valid=None) -> dict:
+    """Reads the records in one call and stacks their examples (+ MixSel's squeezed images)."""
+    records = [self.source[int(i)] for i in indices]  # __getitems__ starts threads: slower
+    examples = [self.example(int(i), r, rng) for i, r, rng in zip(indices, records, rngs)]
+    batch = {}
+    for key in examples[0]:
+      values = [e[key] for e in examples]
+      batch[key] = values if key == "captions" else np.stack(values)
+    batch["image_lr"] = transforms.squeeze_batch(batch["image"], "lr")
+    batch["image_tb"] = transforms.squeeze_batch(batch["image"], "tb")
+    if valid is not None:
+      batch["valid"] = np.asarray(valid, bool)
+    return batch
+
+  def example(self, index: int, record, rng: np.random.Generator | None) -> dict:
+    record, img, used = self._load(index, record)
+    captions = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+                for c in record["captions"]]
+    if self.train:
+      out = {"image": transforms.dalle_crop(img, self.size, rng)}
+    else:
+      out = {"image": transforms.center_crop(img, self.size)}
+    if self.tokenizer is not None:
+      if not captions:
+        self.counter.add("read_empty_caption", f"record {used}")
+        captions = [""]
+      caption = captions[int(rng.integers(len(captions)))] if self.train else captions[0]
+      ids, length = self.tokenizer.encode_one(caption, self.text_length, dropout=self.dropout,
+                                              rng=rng)
+      if length == self.text_length and ids[-1] != self.tokenizer.eos_id:
+        self.counter.add("text_truncated")
+      out["text"], out["text_length"] = ids, np.int32(length)
+    if not self.train:
+      out["captions"], out["image_id"] = captions, np.int64(record["image_id"])
+    return out
+
+
+class DataIterator:
+  """Host-local batch iterator with JSON-able get_state()/set_state() and bad-data stats."""
+
+  def __init__(self, dataset: grain.MapDataset, reader: _Reader, *, threads: int,
+               fingerprint: dict, prepare_counts: dict):
+    self._dataset, self._reader, self._threads = dataset, reader, threads
+    self._fingerprint, self._prepare_counts = fingerprint, prepare_counts
+    self._restart(0)
+
+  def _restart(self, next_batch: int):
+    self._next = next_batch
+    ds = self._dataset[next_batch:]
+    opts = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=2 * self._threads)
+    self._it = iter(ds.to_iter_dataset(opts))
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def __len__(self) -> int:
+    return len(self._dataset)
+
+  def get_state(self) -> dict:
+    return {"next_batch": int(self._next), **self._fingerprint}
+
+  def set_state(self, state: dict):
+    for key, value in self._fingerprint.items():
+      if key in state and state[key] != value:
+        logging.warning("data: restoring iterator state saved with %s=%r, now %r: batches after "
+                        "the restore differ from the interrupted run", key, state[key], value)
+    self._restart(int(state["next_batch"]))
+
+  @property
+  def stats(self) -> dict:
+    """{'prepare': counts from building the dataset, 'read': counts while reading}."""
+    return {"prepare": dict(self._prepare_counts), "read": self._reader.counter.as_dict()}
+
+
+def _threads(config) -> int:
+  n = int(config.data.get("num_workers", 0))
+  return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None,
+                          process_index=None, process_count=None, seed=None) -> DataIterator:
+  """Infinite shuffled, augmented training batches of this host (see the module docstring).
+  tokenizer=None: images only (the VQGAN trainer)."""
+  pi, pc = _hosts(process_index, process_count)
+  batch = _local_batch(int(config.data.global_batch_size), pc, "config.data.global_batch_size")
+  source, counts = open_source(config, config.data.train_split, workdir=workdir,
+                               data_dir=data_dir)
+  seed = int(config.data.shuffle_seed if seed is None else seed)
+  reader = _Reader(config, source, tokenizer, train=True, seed=seed)
+  per_host = reader.n // pc
+  if per_host == 0:
+    raise ValueError(f"{reader.n} training records cannot be split over {pc} processes")
+
+  def load(k: int) -> dict:
+    indices, rngs = [], []
+    for position in range(k * batch, (k + 1) * batch):
+      epoch, j = divmod(position, per_host)
+      record = int(reader.permutation(epoch)[pi + j * pc])
+      indices.append(record)
+      rngs.append(np.random.default_rng([seed, epoch, record]))
+    return reader.batch(indices, rngs)
+
+  ds = grain.MapDataset.range(_STREAM_LENGTH // batch).map(load)
+  fp = {"records": reader.n, "seed": seed, "batch": batch, "process_index": pi,
+        "process_count": pc, "split": config.data.train_split}
+  logging.info("data: %s/%s %d records, %d per host per epoch, local batch %d (host %d of %d)",
+               config.data.name, config.data.train_split, reader.n, per_host, batch, pi, pc)
+  return DataIterator(ds, reader, threads=_threads(config), fingerprint=fp,
+                      prepare_counts=counts)
+
+
+def create_eval_iterator(config, tokenizer=None, *, split=None, workdir=None, data_dir=None,
+                         process_index=None, process_count=None, batch_size=None) -> DataIterator:
+  """One ordered pass over the eval split (resize + centre crop, no dropout). Every host yields
+  the same number of batches; rows past the host's share have valid=False."""
+  pi, pc = _hosts(process_index, process_count)
+  batch = int(batch_size or config.data.eval_batch_size)
+  split = split or config.data.eval_split
+  source, counts = open_source(config, split, workdir=workdir, data_dir=data_dir)
+  reader = _Reader(config, source, tokenizer, train=False, seed=0)
+  mine = np.arange(pi, reader.n, pc)
+  if len(mine) == 0:
+    raise ValueError(f"{reader.n} eval records cannot be split over {pc} processes")
+  per_host = -(-reader.n // pc)
+  num_batches = -(-per_host // batch)
+
+  def load(k: int) -> dict:
+    positions = np.arange(k * batch, (k + 1) * batch)
+    valid = positions < len(mine)
+    indices = mine[np.minimum(positions, len(mine) - 1)]  # padding rows repeat a real record
+    return reader.batch(indices, [None] * batch, valid)
+
+  ds = grain.MapDataset.range(num_batches).map(load)
+  fp = {"records": reader.n, "batch": batch, "process_index": pi, "process_count": pc,
+        "split": split}
+  return DataIterator(ds, reader, threads=_threads(config), fingerprint=fp,
+                      prepare_counts=counts)
+
+
+def caption_iterator(config, split=None, *, workdir=None, data_dir=None) -> Iterator[str]:
+  """Every caption of a split (raw), e.g. to train the sentencepiece model."""
+  split = split or config.data.train_split
+  if config.data.name == "synthetic":
+    yield from synthetic_captions(config, split)
+    return
+  source, _ = open_source(config, split, workdir=workdir, data_dir=data_dir)
+  for i in range(len(source)):
+    for c in source[i]["captions"]:
+      yield c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
+
+
+def synthetic_captions(config, split="train") -> Iterator[str]:
+  """The synthetic split's captions without rendering to disk (same records as the builder)."""
+  c = builders.synthetic_config(config)
+  num = c.num_train if split == "train" else c.num_eval
+  seed = builders.split_seed(c, split)
+  for i in range(num):
+    rng = np.random.default_rng([seed, i])
+    yield from synthetic_lib.captions(synthetic_lib.scene(rng, c.max_objects), rng,
+                                      c.captions_per_image)

@@ -1,0 +1,157 @@
+"""The built-in synthetic dataset: coloured shapes in named places, with unambiguous captions.
+
+The scene space is deliberately small (6 colours x 4 shapes x 9 places = 216 one-object scenes) so
+the tiny config learns text->image and image->text on a CPU in minutes, and a caption names
+everything that determines the picture (colour, shape, place) up to a few pixels of jitter.
+Everything is a pure function of a seed: `scene(seed_or_rng)`, `render(scene, size)`,
+`captions(scene, rng, n)`.
+"""
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+# place name -> (row, col) of the 3x3 grid cell
+PLACES = {
+    "top left": (0, 0), "top middle": (0, 1), "top right": (0, 2),
+    "middle left": (1, 0), "center": (1, 1), "middle right": (1, 2),
+    "bottom left": (2, 0), "bottom middle": (2, 1), "bottom right": (2, 2),
+}
+BACKGROUND = (40, 40, 48)
+
+TEMPLATES = (
+    "a {color} {shape} in the {place}",
+    "a {color} {shape} at the {place}",
+    "there is a {color} {shape} in the {place} of the image",
+    "a picture of a {color} {shape} in the {place}",
+    "the {place} has a {color} {shape}",
+)
+TWO_OBJECT_TEMPLATES = (
+    "a {color} {shape} in the {place} and a {color2} {shape2} in the {place2}",
+    "there is a {color} {shape} in the {place} and a {color2} {shape2} in the {place2}",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+  color: str
+  shape: str
+  place: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  objects: tuple[Obj, ...]
+  jitter: tuple[tuple[float, float], ...]  # per object, fraction of a cell, in [-0.5, 0.5)
+
+
+def _rng(seed_or_rng) -> np.random.Generator:
+  if isinstance(seed_or_rng, np.random.Generator):
+    return seed_or_rng
+  return np.random.default_rng(seed_or_rng)
+
+
+def scene(seed_or_rng, max_objects: int = 1) -> Scene:
+  """A random scene with 1..max_objects objects in distinct places."""
+  rng = _rng(seed_or_rng)
+  n = int(rng.integers(1, max_objects + 1))
+  places = rng.choice(len(PLACES), size=n, replace=False)
+  colors, names = list(COLORS), list(PLACES)
+  objs = tuple(Obj(colors[rng.integers(len(colors))], SHAPES[rng.integers(len(SHAPES))],
+                   names[p]) for p in places)
+  jitter = tuple((float(a), float(b)) for a, b in rng.uniform(-0.5, 0.5, size=(n, 2)))
+  return Scene(objs, jitter)
+
+
+def scene_from_caption_parts(color: str, shape: str, place: str) -> Scene:
+  """The canonical (centred, unjittered) scene a prompt describes; for evaluation."""
+  if color not in COLORS or shape not in SHAPES or place not in PLACES:
+    raise ValueError(f"unknown scene part: {color!r} {shape!r} {place!r}")
+  return Scene((Obj(color, shape, place),), ((0.0, 0.0),))
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, r: float) -> np.ndarray:
+  """Boolean mask of a shape of radius r centred at 0 on pixel-centre grids yy, xx."""
+  if shape == "circle":
+    return yy * yy + xx * xx <= r * r
+  if shape == "square":
+    s = 0.8 * r
+    return (np.abs(yy) <= s) & (np.abs(xx) <= s)
+  if shape == "triangle":  # apex up, base at +0.7r
+    top, bottom = -r, 0.7 * r
+    half_width = (yy - top) / (bottom - top) * r
+    return (yy >= top) & (yy <= bottom) & (np.abs(xx) <= half_width)
+  if shape == "cross":
+    w = 0.3 * r
+    return ((np.abs(yy) <= r) & (np.abs(xx) <= w)) | ((np.abs(xx) <= r) & (np.abs(yy) <= w))
+  raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(s: Scene, size: int = 64) -> np.ndarray:
+  """uint8 [size, size, 3] image of the scene."""
+  img = np.empty((size, size, 3), np.uint8)
+  img[:] = BACKGROUND
+  cell = size / 3.0
+  r = 0.36 * cell
+  coords = np.arange(size, dtype=np.float32) + 0.5
+  for obj, (jy, jx) in zip(s.objects, s.jitter):
+    row, col = PLACES[obj.place]
+    cy = (row + 0.5 + 0.25 * jy) * cell  # jitter up to an eighth of a cell: place stays exact
+    cx = (col + 0.5 + 0.25 * jx) * cell
+    mask = _shape_mask(obj.shape, coords[:, None] - cy, coords[None, :] - cx, r)
+    img[mask] = COLORS[obj.color]
+  return img
+
+
+def captions(s: Scene, rng, n: int = 3) -> list[str]:
+  """n distinct captions (templates drawn without replacement) describing the scene."""
+  rng = _rng(rng)
+  if len(s.objects) == 1:
+    o = s.objects[0]
+    templates = TEMPLATES
+    fields = dict(color=o.color, shape=o.shape, place=o.place)
+  else:
+    a, b = s.objects[:2]
+    templates = TWO_OBJECT_TEMPLATES
+    fields = dict(color=a.color, shape=a.shape, place=a.place,
+                  color2=b.color, shape2=b.shape, place2=b.place)
+  order = rng.permutation(len(templates))
+  picked = [templates[order[i % len(templates)]] for i in range(n)]
+  return [t.format(**fields) for t in picked]
+
+
+def examples(num: int, seed: int, size: int = 64, captions_per_image: int = 3,
+             max_objects: int = 1) -> Iterator[tuple[int, np.ndarray, list[str], Scene]]:
+  """(index, image, captions, scene) for index in range(num); example i depends on (seed, i) only."""
+  for i in range(num):
+    rng = np.random.default_rng([seed, i])
+    s = scene(rng, max_objects)
+    yield i, render(s, size), captions(s, rng, captions_per_image), s
+
+
+def all_single_object_prompts() -> list[str]:
+  """Every one-object scene as the first template's caption (216 prompts), for evaluation."""
+  return [TEMPLATES[0].format(color=c, shape=s, place=p)
+          for c in COLORS for s in SHAPES for p in PLACES]
+
+
+def parse_caption(caption: str) -> list[Obj]:
+  """Recovers the objects a caption describes (used to score generated captions on synthetic data)."""
+  words = caption.lower()
+  found = []
+  for sentence_part in words.split(" and "):
+    color = next((c for c in COLORS if f" {c} " in f" {sentence_part} "), None)
+    shape = next((s for s in SHAPES if f" {s}" in f" {sentence_part}"), None)
+    place = next((p for p in sorted(PLACES, key=len, reverse=True) if p in sentence_part), None)
+    if color and shape and place:
+      found.append(Obj(color, shape, place))
+  return found
