@@ -8,14 +8,13 @@ import math
 import os
 
 from magvlt_jax import masking
+from magvlt_jax.models.layers import ATTENTION_IMPLS, DTYPE_NAMES as DTYPES
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DTYPES = ("float32", "bfloat16", "float16")
 DECODING_ORDERS = ("maskgit", "mask_predict", "random", "raster")
 MESH_STRATEGIES = ("data", "fsdp", "fsdp_tensor")
 DATASETS = ("synthetic", "coco_captions_folder", "image_text_list")
-ATTENTION_IMPLS = ("xla", "cudnn")
 RERANKERS = ("auto", "clip", "likelihood", "none")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 

@@ -84,3 +84,12 @@ def test_error_suggests_the_fix():
   config.sequence.image_tokens = 100
   with pytest.raises(ValueError, match="set it to 64"):
     validate_config(config)
+
+
+def test_validation_names_agree_with_the_implementations():
+  from magvlt_jax import configs_util, decoding_image, parallel
+  from magvlt_jax.data import builders
+  assert set(configs_util.DECODING_ORDERS) == set(decoding_image.ORDERS)
+  assert set(configs_util.MESH_STRATEGIES) == set(parallel.STRATEGIES)
+  for name in configs_util.DATASETS:
+    assert name in open(builders.__file__, encoding="utf-8").read()

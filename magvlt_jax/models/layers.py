@@ -16,6 +16,7 @@ INIT_STD = 0.02  # official _init_weights: N(0, 0.02) for linear and embedding w
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_NAMES = tuple(_DTYPES)
 
 
 def get_dtype(name) -> Dtype:

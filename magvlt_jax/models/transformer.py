@@ -155,26 +155,30 @@ def dummy_inputs(config, batch: int = 1):
   return layout, inputs, mask
 
 
-def _init_fn(config):
+def init_fn(config):
+  """rng -> boxed (LogicallyPartitioned) params of `config`; jit/eval_shape it as needed."""
   model = from_config(config)
-  layout, inputs, mask = dummy_inputs(config)
 
   def init(rng):
+    layout, inputs, mask = dummy_inputs(config)  # traced with init: one compile, no eager ops
     variables = model.init({"params": rng}, inputs, mask, layout=layout, deterministic=True,
                            outputs=("image", "text", "length"))
     return variables["params"]
   return init
 
 
+_init_fn = init_fn  # older name, used by tools/aot_compile.py
+
+
 def init_params(config, rng, boxed: bool = False):
   """Randomly initialised params (plain nested dicts; `boxed=True` keeps LogicallyPartitioned)."""
-  params = jax.jit(_init_fn(config))(rng)
+  params = jax.jit(init_fn(config))(rng)
   return params if boxed else nn.meta.unbox(params)
 
 
 def param_shapes(config, boxed: bool = False):
   """Abstract params (jax.ShapeDtypeStruct leaves) via jax.eval_shape: nothing is allocated."""
-  params = jax.eval_shape(_init_fn(config), jax.random.key(0))
+  params = jax.eval_shape(init_fn(config), jax.random.key(0))
   return params if boxed else nn.meta.unbox(params)
 
 
