@@ -145,8 +145,14 @@ def prepare(config, data_dir: str, builder: ImageCaptionBuilder | None = None) -
   stats_path = os.path.join(builder.data_dir, STATS_FILE)
   if not builder.is_prepared():
     logging.info("preparing %s into %s", config.data.name, builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except AssertionError as e:  # tfds: "No examples were yielded" for a split
+      builder.counter.log(f"prepare {config.data.name}: converted/skipped records")
+      raise ValueError(f"preparing {config.data.name} from {config.data.get('path', '')!r}: {e} "
+                       f"(every record of the split was skipped? counts: "
+                       f"{builder.counter.as_dict()})") from e
     counts = builder.counter.as_dict()
     builder.counter.log(f"prepare {config.data.name}: converted/skipped records")
     with open(stats_path, "w") as f:

@@ -181,6 +181,17 @@ def _threads(config) -> int:
   return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
+def train_records(k: int, batch: int, per_host: int, process_index: int, process_count: int,
+                  permutation) -> tuple[list[int], list[int]]:
+  """(epochs, record indices) of host-local training batch k; permutation(epoch) -> perm of n."""
+  epochs, indices = [], []
+  for position in range(k * batch, (k + 1) * batch):
+    epoch, j = divmod(position, per_host)
+    epochs.append(epoch)
+    indices.append(int(permutation(epoch)[process_index + j * process_count]))
+  return epochs, indices
+
+
 def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None,
                           process_index=None, process_count=None, seed=None) -> DataIterator:
   """Infinite shuffled, augmented training batches of this host (see the module docstring).
@@ -196,12 +207,8 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
     raise ValueError(f"{reader.n} training records cannot be split over {pc} processes")
 
   def load(k: int) -> dict:
-    indices, rngs = [], []
-    for position in range(k * batch, (k + 1) * batch):
-      epoch, j = divmod(position, per_host)
-      record = int(reader.permutation(epoch)[pi + j * pc])
-      indices.append(record)
-      rngs.append(np.random.default_rng([seed, epoch, record]))
+    epochs, indices = train_records(k, batch, per_host, pi, pc, reader.permutation)
+    rngs = [np.random.default_rng([seed, e, i]) for e, i in zip(epochs, indices)]
     return reader.batch(indices, rngs)
 
   ds = grain.MapDataset.range(_STREAM_LENGTH // batch).map(load)
