@@ -88,11 +88,18 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 32 if tiny else 256
   c.data.num_workers = 0
   c.data.shuffle_seed = 0
+  # bad data (magvlt_jax/data/validate.py): converted where possible, else skipped and counted
+  c.data.max_image_pixels = 100_000_000  # larger images are skipped (decompression bombs)
+  c.data.max_image_side = 4096  # longer sides are downscaled when the dataset is prepared
+  c.data.min_image_side = 16  # smaller images are kept (upscaled by the pipeline) and counted
+  c.data.max_caption_chars = 1000  # longer captions are cut at a word boundary
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_train = 2000
   c.data.synthetic.num_eval = 200
   c.data.synthetic.image_size = c.data.get_ref("image_size")
   c.data.synthetic.captions_per_image = 3
+  c.data.synthetic.max_objects = 1  # 2: some scenes get a second object ("... and a ...")
+  c.data.synthetic.seed = 0
 
   # --- training objective and loop
   c.train = ml_collections.ConfigDict()
