@@ -209,3 +209,31 @@ def test_unknown_dataset_name_is_a_clear_error(tmp_path):
   config.data.path = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="annotations"):
     builders.prepare(config, str(tmp_path / "d"))
+
+
+def test_prepare_data_tool_then_train_on_the_folder(tmp_path, capsys):
+  from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from magvlt_jax.tools import prepare_data  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "coco"
+  imgs = {f"COCO_train2014_{i:012d}.jpg": _jpeg(Image.fromarray(_rgb(48 + 8 * i, 80, i)))
+          for i in range(6)}
+  imgs["COCO_train2014_000000000099.jpg"] = b"corrupt"
+  _write_images(root / "train2014", imgs)
+  images = [(i, n) for i, n in enumerate(imgs)]
+  (root / "annotations").mkdir()
+  (root / "annotations" / "captions_train2014.json").write_text(json.dumps(_coco_json(
+      images, [(i, f"A photo number {i}.") for i, _ in images] + [(0, "Another one")])))
+  config = _config("coco_captions_folder", root)
+  config.data.global_batch_size = 4
+  workdir = tmp_path / "work"
+  info = prepare_data.prepare(config, workdir=str(workdir), text_tokenizer=True)
+  out = capsys.readouterr().out
+  assert "split train: 6 records" in out and "corrupt=1" in out and "corrupt: " in out
+  assert (workdir / "text" / "spm.model").exists() and info["path"].startswith(str(workdir))
+  from magvlt_jax import text  # pylint: disable=import-outside-toplevel
+  tok = text.get_or_train_tokenizer(config, str(workdir))
+  it = pipeline.create_train_iterator(config, tok, workdir=str(workdir))
+  batch = next(it)
+  assert batch["image"].shape == (4, 64, 64, 3) and batch["text"].shape == (4, 24)
+  assert it.stats["prepare"]["corrupt"] == 1
+  assert all(c.startswith("a photo number") or c == "another one" for c in tok.decode(batch["text"]))

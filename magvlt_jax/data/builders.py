@@ -21,6 +21,7 @@ import os
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
 from magvlt_jax.data import synthetic as synthetic_lib
 from magvlt_jax.data import transforms
@@ -28,6 +29,7 @@ from magvlt_jax.data import validate
 
 VERSION = "1.0.0"
 STATS_FILE = "prepare_stats.json"
+SHOW_PROGRESS = None  # None: progress bars on terminals only; tools/prepare_data sets True
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -94,8 +96,9 @@ class Synthetic(ImageCaptionBuilder, skip_registration=True):
 
   def _generate_examples(self, num, seed):
     c = self.builder_config
-    for i, image, caps, _ in synthetic_lib.examples(num, seed, c.image_size,
-                                                    c.captions_per_image, c.max_objects):
+    examples = synthetic_lib.examples(num, seed, c.image_size, c.captions_per_image,
+                                      c.max_objects)
+    for i, image, caps, _ in progress_bar(examples, num, "synthetic: drawing scenes"):
       self.counter.add("kept")
       yield i, {"image": transforms.encode_png(image), "captions": caps, "image_id": i}
 
@@ -153,14 +156,22 @@ def prepare(config, data_dir: str, builder: ImageCaptionBuilder | None = None) -
       raise ValueError(f"preparing {config.data.name} from {config.data.get('path', '')!r}: {e} "
                        f"(every record of the split was skipped? counts: "
                        f"{builder.counter.as_dict()})") from e
-    counts = builder.counter.as_dict()
+    counts, examples = builder.counter.as_dict(), dict(builder.counter.examples)
     builder.counter.log(f"prepare {config.data.name}: converted/skipped records")
     with open(stats_path, "w") as f:
-      json.dump({"counts": counts, "examples": dict(builder.counter.examples)}, f, indent=1)
+      json.dump({"counts": counts, "examples": examples}, f, indent=1)
   elif os.path.exists(stats_path):
     with open(stats_path) as f:
-      counts = json.load(f)["counts"]
+      stored = json.load(f)
+    counts, examples = stored["counts"], stored.get("examples", {})
   else:
-    counts = {}
+    counts, examples = {}, {}
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-  return {"counts": counts, "splits": splits, "path": os.fspath(builder.data_dir)}
+  return {"counts": counts, "examples": examples, "splits": splits,
+          "path": os.fspath(builder.data_dir)}
+
+
+def progress_bar(iterable, total: int, desc: str):
+  """tqdm over source records: shown on terminals, or always when SHOW_PROGRESS is True."""
+  return tqdm.tqdm(iterable, total=total, unit="img", desc=desc,
+                   disable=None if SHOW_PROGRESS is None else not SHOW_PROGRESS)

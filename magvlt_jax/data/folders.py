@@ -72,7 +72,8 @@ class _FolderBuilder(builders.ImageCaptionBuilder, skip_registration=True):
                           path)
     workers = max(1, min(8, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-      for out in pool.map(load, items):
+      for out in builders.progress_bar(pool.map(load, items), len(items),
+                                       f"{self.name}: checking images"):
         if out is not None:
           yield out
 
