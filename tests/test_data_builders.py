@@ -85,6 +85,9 @@ def test_synthetic_builder(tmp_path):
     assert [c.decode() for c in r["captions"]] == caps and len(caps) == 3
     np.testing.assert_array_equal(np.asarray(transforms.decode_image(r["image"])), image)
     assert synthetic.parse_caption(caps[0]) == list(scene.objects)
+  from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  stored = [c.decode() for i in range(24) for c in by_id[i]["captions"]]
+  assert list(pipeline.synthetic_captions(config)) == stored  # spm training sees these
   # prepared once: a second call reuses the data and its stored counts
   assert builders.prepare(config, str(tmp_path))["counts"] == {"kept": 30}
   # a different synthetic config is a different dataset, never stale data
@@ -198,6 +201,18 @@ def test_image_text_list(tmp_path, fmt):
   assert {"picture number 0", "second caption of zero"} <= caps
   zero = next(r for r in recs if b"picture number 0" in r["captions"])
   assert len(zero["captions"]) == 2  # rows sharing an image are merged
+
+
+def test_image_text_list_explicit_splits(tmp_path):
+  _write_images(tmp_path, {f"{k}.png": _png(_rgb(20, 20, k)) for k in range(3)})
+  (tmp_path / "a.jsonl").write_text("\n".join(
+      json.dumps({"file_name": f"{k}.png", "text": f"train {k}"}) for k in range(2)))
+  (tmp_path / "b.jsonl").write_text(json.dumps({"path": "2.png", "captions": ["v one", "v two"]}))
+  spec = f"train={tmp_path / 'a.jsonl'},validation={tmp_path / 'b.jsonl'}"
+  info = builders.prepare(_config("image_text_list", spec), str(tmp_path / "data"))
+  assert info["splits"] == {"train": 2, "validation": 1}
+  (rec,) = _read_split(_config("image_text_list", spec), tmp_path / "data", "validation")
+  assert [c.decode() for c in rec["captions"]] == ["v one", "v two"]
 
 
 def test_unknown_dataset_name_is_a_clear_error(tmp_path):

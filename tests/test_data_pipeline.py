@@ -3,6 +3,7 @@ read-time bad records."""
 import hashlib
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_deterministic_and_seeded(env):
   assert not np.array_equal(next(_train(env))["image"], next(c)["image"])
 
 
-def test_resume_equals_uninterrupted(env):
+def test_resume_equals_uninterrupted(env, caplog):
   full = _train(env)
   ref = [next(full) for _ in range(11)]  # 6 batches per epoch: crosses an epoch boundary
   first = _train(env)
@@ -87,6 +88,10 @@ def test_resume_equals_uninterrupted(env):
   resumed.set_state(state)
   for k in range(4, 11):
     assert _equal(next(resumed), ref[k]), k
+  other = _train(env, seed=5)
+  with caplog.at_level(logging.WARNING):
+    other.set_state(state)  # saved with seed 0: continues, but says the batches will differ
+  assert "seed=0" in caplog.text
 
 
 def test_epochs_reshuffle_and_redraw_captions(env):

@@ -49,8 +49,13 @@ def _local_batch(global_batch: int, pc: int, key: str) -> int:
 def open_source(config, split: str, *, workdir=None, data_dir=None):
   """Prepares the dataset if needed; -> (tfds data source, prepare counts)."""
   data_dir = data_dir or builders.default_data_dir(config, workdir)
+  if jax.process_count() > 1:  # host 0 builds first: hosts never race on a shared data_dir
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+      builders.prepare(config, data_dir)
+    multihost_utils.sync_global_devices("magvlt_jax.data.prepare")
   builder = builders.get_builder(config, data_dir)
-  info = builders.prepare(config, data_dir, builder)
+  info = builders.prepare(config, data_dir, builder)  # no-op when built (else: host-local dir)
   if split not in info["splits"]:
     raise ValueError(f"split {split!r} not in dataset {config.data.name} at {info['path']}; "
                      f"available: {sorted(info['splits'])} (config.data.train_split/eval_split)")
