@@ -1,0 +1,231 @@
+"""The Colab-facing sampling API (SPEC section 5): text -> image, image -> text, inpainting,
+infilling and unconditional generation from a trained checkpoint, with reranking.
+
+    sampler = Sampler.from_checkpoint("/tmp/magvlt_tiny")       # or Sampler(config, params, ...)
+    images = sampler.text_to_image(["a red circle on a blue square"], n=4)   # list of PIL
+    captions = sampler.image_to_text(images)                    # list of str
+
+Every decoding loop is one jitted function per (task, guidance, order, ...) spec; jax caches the
+compiled program per batch shape, and rows are processed in power-of-two chunks up to max_batch,
+so repeated calls never retrace (`trace_counts` counts traces). No TensorFlow on this path.
+"""
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from magvlt_jax import decoding, rerank, sampler_tasks, sequence
+from magvlt_jax import text as text_lib
+from magvlt_jax.models import transformer, vqgan
+
+
+def model_logits_fn(model, params):
+  """decoding's logits_fn for a VLTransformer and its params (deterministic: no dropout)."""
+  def logits_fn(inputs, attn_mask, *, layout, outputs):
+    return model.apply({"params": params}, inputs, attn_mask, layout=layout, deterministic=True,
+                       outputs=tuple(outputs))
+  return logits_fn
+
+
+def prepare_image(image, size: int) -> np.ndarray:
+  """PIL image or uint8/float array [H, W, C] -> uint8 [size, size, 3] RGB: resize the short side
+  to `size` (bicubic), then centre-crop (official Resize + CenterCrop)."""
+  if not isinstance(image, Image.Image):
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+      arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+      raise ValueError(f"image: expected [H, W, 3] (or PIL), got array of shape {arr.shape}")
+    if arr.dtype != np.uint8:
+      if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0:
+        arr = arr * 255.0
+      arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.shape == (size, size, 3):
+      return arr
+    image = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+  image = image.convert("RGB")
+  w, h = image.size
+  scale = size / min(w, h)
+  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  if (nw, nh) != (w, h):
+    image = image.resize((nw, nh), Image.BICUBIC)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def _chunk_size(n: int, max_batch: int) -> int:
+  return min(max_batch, 1 << max(n - 1, 0).bit_length())
+
+
+class Sampler:
+  """Sampling from MAGVLT params; see the module docstring."""
+
+  def __init__(self, config, params, vq_params, text_tokenizer, *, max_batch=None):
+    self.config = config
+    self.params = params
+    self.vq_params = vq_params
+    self.tokenizer = text_tokenizer
+    self.model = transformer.from_config(config)
+    self.n_txt = int(config.sequence.text_length)
+    self.n_img = int(config.sequence.image_tokens)
+    self.image_size = int(config.vqgan.image_size)
+    grid = vqgan.latent_grid(config.vqgan)
+    if grid * grid != self.n_img:
+      raise ValueError(f"config.sequence.image_tokens={self.n_img} does not match the VQGAN grid "
+                       f"{grid}x{grid} of config.vqgan")
+    d = config.decoding
+    self.max_batch = int(max_batch or max(config.sample.batch_size, d.num_image_candidates,
+                                          d.num_text_candidates))
+    self.reranker = rerank.resolve(config)
+    self.trace_counts = {}
+    self._jitted = {}
+
+  # ------------------------------------------------------------------ construction
+  @classmethod
+  def from_checkpoint(cls, workdir_or_path: str, config=None, step=None, **kwargs) -> "Sampler":
+    """Loads WORKDIR/config.json (unless `config`), the transformer params (latest step, or
+    `step` / config.sample.checkpoint_step), the VQGAN (config.vqgan.checkpoint or
+    WORKDIR/tokenizer) and the text tokenizer (config.text.spm_model or WORKDIR/text/spm.model)."""
+    from magvlt_jax import checkpoints  # orbax only when loading
+    path = os.path.abspath(workdir_or_path)
+    workdir = path
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(
+        os.path.join(os.path.dirname(path), "config.json")):
+      workdir = os.path.dirname(path)  # given WORKDIR/checkpoints
+    if config is None:
+      config = checkpoints.load_config(workdir)
+    if step is None:
+      step = int(config.sample.get("checkpoint_step", -1))
+    params = checkpoints.load_params(path, step=step, abstract=transformer.param_shapes(config))
+    vq_params = vqgan.load_params(config.vqgan.checkpoint or workdir, config.vqgan)
+    tok = text_lib.TextTokenizer.load(text_lib.spm_model_path(config, workdir))
+    return cls(config, params, vq_params, tok, **kwargs)
+
+  # ------------------------------------------------------------------ jitted pieces
+  def _count(self, name):
+    self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+
+  def _decoder(self, task, guidance: bool, text_temperature=None):
+    spec = decoding.spec_from_config(self.config, task, guidance=guidance,
+                                     eos_id=self.tokenizer.eos_id,
+                                     vocab_limit=self.tokenizer.vocab_size,
+                                     text_temperature=text_temperature)
+    name = ("decode", task, spec)
+    if name not in self._jitted:
+      task_fn = {"t2i": decoding.text_to_image, "inpaint": decoding.inpaint,
+                 "i2t": decoding.image_to_text, "infill": decoding.infill}[task]
+      model = self.model
+
+      def run(params, key, scale, *arrays):
+        self._count(task)
+        out = task_fn(model_logits_fn(model, params), spec, key, *arrays, guidance_scale=scale)
+        return out.replace(history=None)
+      self._jitted[name] = jax.jit(run)
+    return self._jitted[name]
+
+  def _fn(self, name):
+    """Jitted VQGAN / reranking helpers, built once."""
+    if name in self._jitted:
+      return self._jitted[name]
+    cfg, model = self.config, self.model
+    img_vocab = int(cfg.sequence.image_vocab_size)
+    n_txt, n_img = self.n_txt, self.n_img
+
+    def counted(f):
+      def g(*a):
+        self._count(name)
+        return f(*a)
+      return g
+    if name == "encode":
+      f = lambda p, x: vqgan.encode(p, vqgan.to_model_range(x), cfg.vqgan)
+    elif name == "decode_pixels":
+      f = lambda p, c: vqgan.to_uint8(vqgan.decode(p, c, cfg.vqgan))
+    elif name == "image_loglik":
+      layout = sequence.make_layout(sequence.Task.T2I, n_txt, n_img)
+      f = lambda p, c, t, l: rerank.image_loglik(model_logits_fn(model, p), layout, img_vocab, c, t, l)
+    elif name == "text_loglik":
+      layout = sequence.make_layout(sequence.Task.I2T, n_txt, n_img)
+      f = lambda p, c, t, l: rerank.text_loglik(model_logits_fn(model, p), layout, img_vocab, c, t, l)
+    elif name == "uncond":
+      spec = decoding.spec_from_config(cfg, "uncond", eos_id=self.tokenizer.eos_id,
+                                       vocab_limit=self.tokenizer.vocab_size)
+      length_range = tuple(cfg.decoding.uncond_text_length)
+      f = lambda p, k, b: decoding.generate(model_logits_fn(model, p), spec, k, b.shape[0],
+                                            length_range).replace(history=None)
+    else:
+      raise KeyError(name)
+    self._jitted[name] = jax.jit(counted(f))
+    return self._jitted[name]
+
+  def _chunked(self, fn, arrays, key=None):
+    """Runs fn(*chunk) (fn(key_i, *chunk) with a key) over row chunks of power-of-two size,
+    padding the last chunk by repeating its last row; returns numpy outputs of all rows."""
+    n = len(arrays[0])
+    size = _chunk_size(n, self.max_batch)
+    outs = []
+    for i, start in enumerate(range(0, n, size)):
+      part = [np.asarray(a[start:start + size]) for a in arrays]
+      m = len(part[0])
+      part = [np.concatenate([p, np.repeat(p[-1:], size - m, axis=0)]) if m < size else p
+              for p in part]
+      out = fn(jax.random.fold_in(key, i), *part) if key is not None else fn(*part)
+      outs.append(jax.tree.map(lambda x: np.asarray(x)[:m], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+  # ------------------------------------------------------------------ conversions
+  def encode_text(self, prompts):
+    """-> (ids int32 [B, n_txt], lengths int32 [B]); over-long prompts are truncated (warning)."""
+    prompts = sampler_tasks._as_list(prompts)
+    for p in prompts:
+      n = len(self.tokenizer.encode_ids(p)) + 1
+      if n > self.n_txt:
+        warnings.warn(f"prompt {p[:60]!r} has {n} tokens with EOS > text_length {self.n_txt}: "
+                      "truncated", stacklevel=3)
+    return self.tokenizer.encode(prompts, self.n_txt)
+
+  def prepare_images(self, images) -> np.ndarray:
+    """PIL images / uint8 arrays of any size -> uint8 [B, S, S, 3] (short side + centre crop)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (
+        self.image_size, self.image_size, 3) and images.dtype == np.uint8:
+      return images
+    return np.stack([prepare_image(im, self.image_size) for im in sampler_tasks._as_list(images)])
+
+  def encode_images(self, images) -> np.ndarray:
+    """-> int32 VQGAN codes [B, n_img]."""
+    enc = self._fn("encode")
+    return self._chunked(lambda x: enc(self.vq_params, x), [self.prepare_images(images)])
+
+  def decode_codes(self, codes) -> np.ndarray:
+    """int codes [B, n_img] -> uint8 images [B, S, S, 3]."""
+    dec = self._fn("decode_pixels")
+    return self._chunked(lambda c: dec(self.vq_params, c), [np.asarray(codes, np.int32)])
+
+  def reconstruct(self, images) -> np.ndarray:
+    """VQGAN round trip (uint8 in, uint8 out)."""
+    return self.decode_codes(self.encode_images(images))
+
+  def _key(self, seed, key):
+    return jax.random.PRNGKey(seed) if key is None else key
+
+  def _guidance(self, scale):
+    scale = float(self.config.decoding.guidance_scale if scale is None else scale)
+    return scale != 0.0, np.float32(scale)
+
+  def _num(self, n, which):
+    if n is not None:
+      return max(int(n), 1)
+    return 1 if self.reranker == "none" else int(self.config.decoding[which])
+
+  def _pick(self, scores, n):
+    return rerank.best_of(scores, n) if n > 1 and self.reranker != "none" else np.zeros(
+        len(scores) // n, int)
+
+  text_to_image = sampler_tasks.text_to_image
+  inpaint = sampler_tasks.inpaint
+  image_to_text = sampler_tasks.image_to_text
+  infill = sampler_tasks.infill
+  generate = sampler_tasks.generate
+  clip_scores = sampler_tasks.clip_scores
