@@ -15,6 +15,7 @@ import random
 import re
 from typing import Callable, Iterable, Sequence
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -93,19 +94,19 @@ class TextTokenizer:
     if tok.vocab_size > vocab_size:
       raise ValueError(f"trained vocab {tok.vocab_size} > config.text.vocab_size={vocab_size}")
     if model_path:
-      os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-      tmp = model_path + ".tmp"
-      with open(tmp, "wb") as f:
-        f.write(proto)
-      os.replace(tmp, model_path)  # atomic: a concurrent reader never sees half a model
+      path = epath.Path(model_path)  # local or cloud (gs://) workdirs
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.parent / (path.name + f".tmp{os.getpid()}")
+      tmp.write_bytes(proto)
+      tmp.rename(path)  # a concurrent reader never sees half a model
     return tok
 
   @classmethod
   def load(cls, model_path: str) -> "TextTokenizer":
-    if not os.path.exists(model_path):
+    path = epath.Path(model_path)
+    if not path.exists():
       raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
-    with open(model_path, "rb") as f:
-      return cls(f.read())
+    return cls(path.read_bytes())
 
   # ------------------------------------------------------------------ properties
   @property
@@ -214,7 +215,7 @@ def get_or_train_tokenizer(config, workdir: str,
   `captions_fn()` (default: the training captions of config.data)."""
   path = spm_model_path(config, workdir)
   limit = int(config.text.vocab_size)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     tok = TextTokenizer.load(path)
     logging.info("text tokenizer: loaded %s (%d ids)", path, tok.vocab_size)
   else:
