@@ -182,8 +182,10 @@ class DataIterator:
 
 
 def _threads(config) -> int:
+  """config.data.num_workers reader threads; 0: half the cores, at most 8 (the rest of a small
+  machine is the train step's; PIL decodes and resizes without the GIL)."""
   n = int(config.data.get("num_workers", 0))
-  return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+  return n if n > 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def train_records(k: int, batch: int, per_host: int, process_index: int, process_count: int,
