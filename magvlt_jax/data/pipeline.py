@@ -46,10 +46,14 @@ def _local_batch(global_batch: int, pc: int, key: str) -> int:
   return global_batch // pc
 
 
-def open_source(config, split: str, *, workdir=None, data_dir=None):
-  """Prepares the dataset if needed; -> (tfds data source, prepare counts)."""
+def open_source(config, split: str, *, workdir=None, data_dir=None, all_hosts=False):
+  """Prepares the dataset if needed; -> (tfds data source, prepare counts).
+
+  all_hosts: every process calls this now; then, if the dataset still has to be built on a
+  multi-host run, host 0 builds it first and the others wait (no race on a shared data_dir)."""
   data_dir = data_dir or builders.default_data_dir(config, workdir)
-  if jax.process_count() > 1:  # host 0 builds first: hosts never race on a shared data_dir
+  if (all_hosts and jax.process_count() > 1
+      and not builders.get_builder(config, data_dir).is_prepared()):
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     if jax.process_index() == 0:
       builders.prepare(config, data_dir)
@@ -206,7 +210,8 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
   pi, pc = _hosts(process_index, process_count)
   batch = _local_batch(int(config.data.global_batch_size), pc, "config.data.global_batch_size")
   source, counts = open_source(config, config.data.train_split, workdir=workdir,
-                               data_dir=data_dir)
+                               data_dir=data_dir,
+                               all_hosts=process_index is None and process_count is None)
   seed = int(config.data.shuffle_seed if seed is None else seed)
   reader = _Reader(config, source, tokenizer, train=True, seed=seed)
   per_host = reader.n // pc
