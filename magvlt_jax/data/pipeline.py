@@ -30,6 +30,7 @@ from magvlt_jax.data import validate
 
 _STREAM_LENGTH = 2**60  # "infinite" training stream of host-local positions
 _MAX_FALLBACKS = 16
+_LOG_EVERY = 500  # batches between logs of changed read-time counts (bad records, truncations)
 
 
 def _hosts(process_index, process_count):
@@ -150,21 +151,26 @@ class DataIterator:
                fingerprint: dict, prepare_counts: dict):
     self._dataset, self._reader, self._threads = dataset, reader, threads
     self._fingerprint, self._prepare_counts = fingerprint, prepare_counts
-    self._restart(0)
-
-  def _restart(self, next_batch: int):
-    self._next = next_batch
-    ds = self._dataset[next_batch:]
-    opts = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=2 * self._threads)
-    self._it = iter(ds.to_iter_dataset(opts))
+    self._next, self._it, self._logged = 0, None, {}
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
+    if self._it is None:  # started lazily: a set_state right after creation wastes no reads
+      opts = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=2 * self._threads)
+      self._it = iter(self._dataset[self._next:].to_iter_dataset(opts))
     batch = next(self._it)
     self._next += 1
+    if self._next % _LOG_EVERY == 0:
+      self._log_read_counts()
     return batch
+
+  def _log_read_counts(self):
+    counts = self._reader.counter.as_dict()
+    if counts != self._logged:
+      logging.warning("data: read-time counts after %d batches: %s", self._next, counts)
+      self._logged = counts
 
   def __len__(self) -> int:
     return len(self._dataset)
@@ -177,7 +183,7 @@ class DataIterator:
       if key in state and state[key] != value:
         logging.warning("data: restoring iterator state saved with %s=%r, now %r: batches after "
                         "the restore differ from the interrupted run", key, state[key], value)
-    self._restart(int(state["next_batch"]))
+    self._next, self._it = int(state["next_batch"]), None
 
   @property
   def stats(self) -> dict:
