@@ -157,7 +157,7 @@ def test_dalle_crop_and_center_crop():
   ts = set()
   for seed in range(40):
     rng = np.random.default_rng(seed)
-    out = transforms.dalle_crop(img, s, rng)
+    out = np.asarray(transforms.dalle_crop(img, s, rng))
     assert out.shape == (s, s, 3) and out.dtype == np.uint8
     # the square (side 80) starts in [3/8, 5/8) of the 40-pixel excess: columns 15..105
     assert out[:, :, 0].min() >= int(255 * 14 / (w - 1)) and out[:, :, 0].max() <= int(255 * 106 / (w - 1))
@@ -166,8 +166,8 @@ def test_dalle_crop_and_center_crop():
     ts.add(int(rng.integers(s, max(min(80, round(9 / 8 * s)), s) + 1)))
   assert ts == set(range(32, 37))  # t ~ U{S .. 9/8 S}
   small = Image.fromarray(np.zeros((10, 14, 3), np.uint8))
-  assert transforms.dalle_crop(small, s, np.random.default_rng(0)).shape == (s, s, 3)  # upscaled
-  cc = transforms.center_crop(img, s)
+  assert np.asarray(transforms.dalle_crop(small, s, np.random.default_rng(0))).shape == (s, s, 3)
+  cc = np.asarray(transforms.center_crop(img, s))
   assert cc.shape == (s, s, 3) and abs(int(cc[:, :, 0].mean()) - 127) < 6  # centred
 
 

@@ -108,15 +108,13 @@ class _Reader:
                        "re-run tools/prepare_data on the source")
 
   def batch(self, indices, rngs, valid=None) -> dict:
-    """Reads the records in one call and stacks their examples (+ MixSel's squeezed images)."""
+    """Reads the records and stacks their examples."""
     records = [self.source[int(i)] for i in indices]  # __getitems__ starts threads: slower
     examples = [self.example(int(i), r, rng) for i, r, rng in zip(indices, records, rngs)]
     batch = {}
     for key in examples[0]:
       values = [e[key] for e in examples]
       batch[key] = values if key == "captions" else np.stack(values)
-    batch["image_lr"] = transforms.squeeze_batch(batch["image"], "lr")
-    batch["image_tb"] = transforms.squeeze_batch(batch["image"], "tb")
     if valid is not None:
       batch["valid"] = np.asarray(valid, bool)
     return batch
@@ -126,9 +124,11 @@ class _Reader:
     captions = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
                 for c in record["captions"]]
     if self.train:
-      out = {"image": transforms.dalle_crop(img, self.size, rng)}
+      img = transforms.dalle_crop(img, self.size, rng)
     else:
-      out = {"image": transforms.center_crop(img, self.size)}
+      img = transforms.center_crop(img, self.size)
+    out = {"image": np.asarray(img), "image_lr": transforms.squeeze(img, "lr"),
+           "image_tb": transforms.squeeze(img, "tb")}
     if self.tokenizer is not None:
       if not captions:
         self.counter.add("read_empty_caption", f"record {used}")

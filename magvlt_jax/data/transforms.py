@@ -4,7 +4,7 @@
   CMYK, 16-bit, float), with a decompression-bomb limit; raises `BadImageError` with a reason.
 - `dalle_crop` (training, SPEC section 4 / official DalleAugmentation + RandomCrop) and
   `center_crop` (eval: resize short side + centre crop), both to S x S.
-- `squeeze_batch`: the whole image resized (not cropped) to half width or half height, for MixSel.
+- `squeeze`: the whole image resized (not cropped) to half width or half height, for MixSel.
 """
 import io
 import warnings
@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-RESAMPLE = Image.Resampling.BICUBIC
+RESAMPLE = Image.Resampling.BILINEAR  # antialiased, as torchvision Resize in MAGVLT
 DEFAULT_MAX_PIXELS = 100_000_000  # beyond this an image is treated as a decompression bomb
 
 
@@ -86,43 +86,38 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     raise BadImageError("corrupt", f"cannot decode image ({e})") from e
 
 
-def dalle_crop(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+def dalle_crop(img: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
   """Square crop of side min(w, h) offset uniformly in [3/8, 5/8) of the excess, resized to
   t x t with t ~ U{size .. max(min(side, round(9/8 size)), size)}, then a random size x size crop."""
   w, h = img.size
   side = min(w, h)
   if w == h == size:  # t can only be `size`: the crop is the identity
-    return np.asarray(img)
+    return img
   x0 = int((w - side) * rng.uniform(3 / 8, 5 / 8))
   y0 = int((h - side) * rng.uniform(3 / 8, 5 / 8))
   t_max = max(min(side, round(9 / 8 * size)), size)
   t = int(rng.integers(size, t_max + 1))
   resized = img.resize((t, t), RESAMPLE, box=(x0, y0, x0 + side, y0 + side))
   ox, oy = (int(v) for v in rng.integers(0, t - size + 1, size=2))
-  return np.asarray(resized)[oy:oy + size, ox:ox + size]
+  return resized.crop((ox, oy, ox + size, oy + size))
 
 
-def center_crop(img: Image.Image, size: int) -> np.ndarray:
+def center_crop(img: Image.Image, size: int) -> Image.Image:
   """Resize the short side to `size` and take the centre square (one resample)."""
   w, h = img.size
   side = min(w, h)
   if w == h == size:
-    return np.asarray(img)
+    return img
   x0, y0 = (w - side) / 2, (h - side) / 2
-  return np.asarray(img.resize((size, size), RESAMPLE, box=(x0, y0, x0 + side, y0 + side)))
+  return img.resize((size, size), RESAMPLE, box=(x0, y0, x0 + side, y0 + side))
 
 
-def squeeze_batch(images: np.ndarray, axis: str) -> np.ndarray:
-  """[B, S, S, 3] uint8 -> half width ('lr') or half height ('tb') by averaging pixel pairs
-  (an exact 2x box-filter resize: the whole image, squeezed, not cropped)."""
-  x = images.astype(np.uint16)
-  if axis == "lr":
-    pairs = x[:, :, 0::2] + x[:, :, 1::2]
-  elif axis == "tb":
-    pairs = x[:, 0::2] + x[:, 1::2]
-  else:
+def squeeze(img: Image.Image, axis: str) -> np.ndarray:
+  """S x S image -> uint8 [S, S/2, 3] ('lr': half width) or [S/2, S, 3] ('tb': half height):
+  the whole image squeezed (each output pixel the rounded mean of a pixel pair), not cropped."""
+  if axis not in ("lr", "tb"):
     raise ValueError(f"squeeze axis must be 'lr' or 'tb', got {axis!r}")
-  return ((pairs + 1) >> 1).astype(np.uint8)
+  return np.asarray(img.reduce((2, 1) if axis == "lr" else (1, 2)))
 
 
 def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
