@@ -75,6 +75,13 @@ def test_deterministic_and_seeded(env):
     assert _equal(next(a), next(b))
   c = _train(env, seed=1)
   assert not np.array_equal(next(_train(env))["image"], next(c)["image"])
+  config, data_dir, tok, _ = env
+  one_thread = config.copy_and_resolve_references()
+  one_thread.data.num_workers = 1  # batches do not depend on the number of reader threads
+  d = pipeline.create_train_iterator(one_thread, tok, data_dir=data_dir)
+  e = _train(env)
+  for _ in range(3):
+    assert _equal(next(d), next(e))
 
 
 def test_resume_equals_uninterrupted(env, caplog):
