@@ -30,6 +30,7 @@ from magvlt_jax.data import validate
 _IMAGE_KEYS = ("image", "image_path", "path", "file_name", "filepath", "file")
 _CAPTION_KEYS = ("caption", "text", "captions")
 _HOLDOUT_EVERY = 100
+_CHUNK = 256  # images checked concurrently
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,14 +69,17 @@ class _FolderBuilder(builders.ImageCaptionBuilder, skip_registration=True):
     """items: (image_id, image path, captions); reads and checks images in threads."""
     def load(item):
       image_id, path, caps = item
-      return self._record(image_id, validate.read_file(path), caps, image_id,
-                          path)
+      return self._record(image_id, validate.read_file(path), caps, image_id, path)
+
+    def chunks():  # bounded in-flight work: never the whole dataset's bytes in memory
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
+        for start in range(0, len(items), _CHUNK):
+          yield from pool.map(load, items[start:start + _CHUNK])
+
     workers = max(1, min(8, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
-      for out in builders.progress_bar(pool.map(load, items), len(items),
-                                       f"{self.name}: checking images"):
-        if out is not None:
-          yield out
+    for out in builders.progress_bar(chunks(), len(items), f"{self.name}: checking images"):
+      if out is not None:
+        yield out
 
 
 class CocoCaptionsFolder(_FolderBuilder, skip_registration=True):
