@@ -185,10 +185,14 @@ def _validate_decoding_and_mesh(config):
           f"e.g. (8, {min(16, config.sequence.text_length)})")
   mesh = config.mesh
   _one_of(config, "mesh.strategy", MESH_STRATEGIES)
-  for key in ("fsdp", "tensor", "num_slices"):
-    _positive(config, f"mesh.{key}")
-  if mesh.data != -1 and mesh.data < 1:
-    _fail("mesh.data", mesh.data, "must be -1 (fill with the remaining devices) or positive", "use -1")
+  _positive(config, "mesh.num_slices")
+  for key in ("data", "fsdp", "tensor"):
+    if mesh[key] != -1 and mesh[key] < 1:
+      _fail(f"mesh.{key}", mesh[key], "must be -1 (fill with the remaining devices) or positive",
+            "use -1 on one axis or a device count")
+  if [mesh.data, mesh.fsdp, mesh.tensor].count(-1) > 1:
+    _fail("mesh.data", mesh.data, f"and mesh.fsdp={mesh.fsdp}, mesh.tensor={mesh.tensor} use -1 more "
+          "than once", "give -1 (fill) to at most one axis")
   if mesh.tensor != 1 and mesh.strategy != "fsdp_tensor":
     # Only fsdp_tensor maps anything onto 'tensor'; elsewhere those devices would repeat work.
     _fail("mesh.tensor", mesh.tensor, f"is unused by mesh.strategy={mesh.strategy!r}",

@@ -56,6 +56,11 @@ class VLTransformer(nn.Module):
     pos_txt = self.param("pos_txt", layers.normal_init(("positions", "embed")), (self.n_txt, d), pd)
     pos_spc = self.param("pos_spc", layers.normal_init(("positions", "embed")), (self.seq_length, d), pd)
     ids, pos = inputs.ids, inputs.local_pos
+    # Gather from replicated-over-embed tables: a gather from a table sharded on both axes
+    # forces XLA into a full rematerialisation when the result is batch-sharded.
+    tok_table = layers.constrain(tok_table, ("vocab", None))
+    spc_table, pos_img, pos_txt, pos_spc = (layers.constrain(t, (None, None))
+                                            for t in (spc_table, pos_img, pos_txt, pos_spc))
     is_special = inputs.is_special[..., None]
     x = jnp.where(is_special, jnp.take(spc_table, jnp.minimum(ids, seq.NUM_SPECIAL - 1), axis=0),
                   jnp.take(tok_table, ids, axis=0))
