@@ -167,3 +167,27 @@ def test_rejects_wrong_sequence_length(config, params):
                         image_vocab_size=IVS)
   with pytest.raises(ValueError, match="sequence length"):
     transformer.from_config(config).apply({"params": params}, inp, None, layout=layout)
+
+
+def test_segment_embeddings_and_predict_next(config):
+  cfg = load_config("configs/magvlt.py:tiny")
+  cfg.model.num_layers = 1
+  cfg.model.num_segments = 2
+  cfg.model.causal = True
+  params = transformer.init_params(cfg, jax.random.key(0))
+  assert params["segment_embed"].shape == (2, 128)
+  model = transformer.from_config(cfg)
+  layout, inp, mask, _, _ = _inputs(seq.Task.T2I, 1)
+  seg = jnp.zeros((1, layout.length), jnp.int32)
+  run = jax.jit(lambda s, nxt: model.apply({"params": params}, inp, mask, layout=layout, segment_ids=s,
+                                           predict_next=nxt, outputs=("image", "hidden")),
+                static_argnums=1)
+  base, shifted = run(seg, False), run(seg, True)
+  other = run(seg.at[:, layout.image_start:].set(1), False)
+  h = base["hidden"]
+  assert not np.allclose(other["hidden"][:, layout.image_start:], h[:, layout.image_start:], atol=1e-4)
+  np.testing.assert_allclose(other["hidden"][:, :layout.image_start], h[:, :layout.image_start], atol=1e-6)
+  # predict_next reads the logits one slot earlier: BOI predicts image token 0.
+  np.testing.assert_allclose(shifted["image"][:, 1:], base["image"][:, :-1], atol=1e-5)
+  with pytest.raises(ValueError, match="segment_ids"):
+    model.apply({"params": params}, inp, mask, layout=layout)

@@ -41,6 +41,7 @@ class VLTransformer(nn.Module):
   causal: bool = False
   remat: bool = False
   attention_impl: str = "xla"
+  num_segments: int = 0  # >0: add a learned segment embedding per slot (L-Verse BiART [REF]/[GEN])
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -81,12 +82,13 @@ class VLTransformer(nn.Module):
   @nn.compact
   def __call__(self, inputs: seq.ModelInput, attn_mask=None, *, layout: seq.Layout,
                deterministic: bool = True, outputs: Sequence[str] = ("image", "text", "length"),
-               predict_next: bool = False):
+               predict_next: bool = False, segment_ids=None):
     """Returns a dict with the requested outputs (logits in float32).
 
     attn_mask: bool [B, 1, L, L] from sequence.attention_mask (None: full attention).
     predict_next: read the image/text logits one slot earlier (AR baselines: slot i predicts
     slot i + 1, so BOI predicts image token 0 and BOT predicts text token 0).
+    segment_ids: int [B, L] in [0, num_segments) when the model has segment embeddings.
     """
     bad = [o for o in outputs if o not in ALL_OUTPUTS]
     if bad:
@@ -98,6 +100,12 @@ class VLTransformer(nn.Module):
     tok_table = self.param("token_embed", layers.normal_init(("vocab", "embed")),
                            (vocab, self.embed_dim), self.param_dtype)
     x = self._embed(inputs, tok_table)
+    if self.num_segments:
+      if segment_ids is None:
+        raise ValueError("VLTransformer: num_segments > 0 needs segment_ids [B, L]")
+      seg_table = self.param("segment_embed", layers.normal_init(("special", "embed")),
+                             (self.num_segments, self.embed_dim), self.param_dtype)
+      x = x + jnp.take(layers.constrain(seg_table, (None, None)), segment_ids, axis=0).astype(self.dtype)
     x = nn.Dropout(self.embedding_dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
     mask = attn_mask
@@ -144,7 +152,7 @@ def from_config(config, **overrides) -> VLTransformer:
       attention_dropout_rate=float(m.attention_dropout_rate),
       embedding_dropout_rate=float(m.embedding_dropout_rate),
       layer_norm_eps=float(m.layer_norm_eps), causal=bool(m.causal), remat=bool(m.remat),
-      attention_impl=str(m.attention_impl), dtype=layers.get_dtype(m.dtype),
+      attention_impl=str(m.attention_impl), num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
       param_dtype=layers.get_dtype(m.param_dtype))
   kwargs.update(overrides)
   return VLTransformer(**kwargs)
@@ -166,8 +174,9 @@ def init_fn(config):
 
   def init(rng):
     layout, inputs, mask = dummy_inputs(config)  # traced with init: one compile, no eager ops
+    segments = jnp.zeros(inputs.ids.shape, jnp.int32) if model.num_segments else None
     variables = model.init({"params": rng}, inputs, mask, layout=layout, deterministic=True,
-                           outputs=("image", "text", "length"))
+                           outputs=("image", "text", "length"), segment_ids=segments)
     return variables["params"]
   return init
 
