@@ -7,6 +7,8 @@ Pure API (jittable; close over `vq_config`, e.g. `jax.jit(functools.partial(enco
 The quantizer math (distances, losses, EMA statistics, dead-code restart) is float32 and lives in
 pure functions here, so the trainer owns all mutable state (the EMA statistics are part of its state).
 """
+import functools
+import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -138,8 +140,8 @@ def init_vq_stats(codebook) -> Dict[str, jax.Array]:
   """EMA statistics: cluster_size [K] (EMA of assignments per step) and embed_sum [K,D].
 
   Starting at cluster_size=1, embed_sum=codebook keeps codebook == embed_sum / cluster_size."""
-  codebook = jnp.asarray(codebook, jnp.float32)
-  return dict(cluster_size=jnp.ones(codebook.shape[:1], jnp.float32), embed_sum=codebook)
+  embed_sum = jnp.array(codebook, jnp.float32, copy=True)  # own buffer: the state is donated to the step
+  return dict(cluster_size=jnp.ones(embed_sum.shape[:1], jnp.float32), embed_sum=embed_sum)
 
 
 def ema_update(stats, z_flat, codes, decay, eps=1e-5) -> Tuple[Dict[str, jax.Array], jax.Array]:
@@ -225,7 +227,14 @@ def init_params(vq_config, rng, boxed=False):
 
 def abstract_params(vq_config):
   """ShapeDtypeStructs of the params (no compute): used for shape checks and the f16 layout tests."""
-  return jax.eval_shape(lambda: init_params(vq_config, jax.random.PRNGKey(0)))
+  return _abstract_params(json.dumps(vq_config.to_dict(), sort_keys=True, default=list))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(config_json):
+  import ml_collections
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
 
 def flatten_params(params) -> Dict[str, np.ndarray]:
@@ -240,10 +249,10 @@ def check_params(params, vq_config, source="params"):
   """Raises ValueError naming every missing, extra or mis-shaped key against the config's layout."""
   want = {k: tuple(v.shape) for k, v in flatten_params_shapes(abstract_params(vq_config)).items()}
   got = {k: tuple(np.shape(v)) for k, v in flatten_params_shapes(params).items()}
-  errors = [f"  missing: {k} {want[k]}" for k in sorted(set(want) - set(got))]
+  errors = [f"  shape of {k}: got {got[k]}, config.vqgan ({vq_config.variant}) expects {want[k]}"
+            for k in sorted(set(want) & set(got)) if want[k] != got[k]]
+  errors += [f"  missing: {k} {want[k]}" for k in sorted(set(want) - set(got))]
   errors += [f"  unexpected: {k} {got[k]}" for k in sorted(set(got) - set(want))]
-  errors += [f"  shape of {k}: got {got[k]}, config.vqgan ({vq_config.variant}) expects {want[k]}"
-             for k in sorted(set(want) & set(got)) if want[k] != got[k]]
   if errors:
     raise ValueError(f"{source} does not match config.vqgan (variant {vq_config.variant!r}):\n"
                      + "\n".join(errors[:30]) + (f"\n  ... {len(errors) - 30} more" if len(errors) > 30 else ""))
