@@ -67,7 +67,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "stat
       continue
     if leaf == "kernel":
       value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    leaves.append(np.ascontiguousarray(value))
+    leaves.append(np.array(value, order="C"))  # (ascontiguousarray makes 0-d 1-d)
   unused = sorted(set(state_dict) - used)
   if missing or bad_shape or unused:
     raise ValueError(

@@ -151,7 +151,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], source: str = "state dict")
       value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
     if value.shape != abstract.shape:
       problems.append(f"{key}: converted shape {value.shape}, expected {abstract.shape}")
-    leaves.append(np.ascontiguousarray(value))
+    leaves.append(np.array(value, order="C"))  # (ascontiguousarray makes 0-d 1-d)
   problems += [f"unused {k}" for k in sorted(set(sd) - used)]
   if problems:
     raise ValueError(f"{source} is not an EfficientNet-Lite0 state dict: {problems[:8]}")
