@@ -48,6 +48,7 @@ class DecodeSpec:
   text_temperature: float = 0.1
   text_top_k: int = 32
   text_vocab_limit: int = 0  # > 0: never sample text ids >= this (tokenizer vocab)
+  ban_eos: bool = False  # infilling keeps the caption length: no EOS inside the span
   length_mode: str = "fixed"  # fixed | predict (BOT head once) | predict_each_step
   guidance: str = ""  # "" off | "text" null the text context | "image" null the image context
   record_history: bool = False  # keep per-step codes / masks in the output (tests, debugging)
@@ -113,6 +114,7 @@ def spec_from_config(config, task: str, *, num_steps=None, guidance=False, vocab
       text_temperature=float(d.text_temperature if text_temperature is None else text_temperature),
       text_top_k=int(d.text_top_k), text_vocab_limit=int(vocab_limit),
       length_mode={"i2t": "predict", "uncond": "predict_each_step"}.get(task, "fixed"),
+      ban_eos=task == "infill",
       guidance=("text" if image_task else "image") if guidance else "",
       record_history=record_history)
 
@@ -179,7 +181,8 @@ def _step(step, state, *, spec, logits_fn, key, image_region, text_region, scale
   if spec.generate_text:
     ids, logp = decoding_text.text_step(
         k_txt, logits["text"], state.text_ids, state.text_logp, text_masked,
-        temperature=spec.text_temperature, top_k=spec.text_top_k, vocab_limit=spec.text_vocab_limit)
+        temperature=spec.text_temperature, top_k=spec.text_top_k, vocab_limit=spec.text_vocab_limit,
+        banned=spec.eos_id if spec.ban_eos else -1)
     length = state.text_length
     if spec.length_mode == "predict_each_step":
       # The new length takes effect next step; the last step keeps it so every slot is sampled.

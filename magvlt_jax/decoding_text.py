@@ -43,18 +43,21 @@ def remask(key, logp, valid, step, num_steps: int, order: str):
   return masking.topk_mask(scores, count, valid)
 
 
-def sample_top_k(key, logits, temperature, top_k: int, vocab_limit: int = 0):
+def sample_top_k(key, logits, temperature, top_k: int, vocab_limit: int = 0, banned: int = -1):
   """Sample each slot from softmax(logits / temperature) restricted to its top_k ids.
 
   Exact top-k (lax.top_k, no threshold); ids >= vocab_limit (when > 0) are never drawn (the
-  model's text vocabulary may exceed the tokenizer's). Returns (ids int32, logp float32) with
-  logp under the tempered, filtered distribution (official logp_prev).
+  model's text vocabulary may exceed the tokenizer's), nor id `banned` (>= 0). Returns
+  (ids int32, logp float32) with logp under the tempered, filtered distribution (official logp_prev).
   """
   logits = jnp.asarray(logits, jnp.float32) / jnp.asarray(temperature, jnp.float32)
   vocab = logits.shape[-1]
   if 0 < vocab_limit < vocab:
     logits = jnp.where(jnp.arange(vocab) < vocab_limit, logits, -jnp.inf)
     vocab = vocab_limit
+  if banned >= 0:
+    logits = logits.at[..., banned].set(-jnp.inf)
+    vocab -= 1
   k = min(int(top_k), vocab) if top_k and top_k > 0 else vocab
   values, indices = jax.lax.top_k(logits, k)
   choice = jax.random.categorical(key, values, axis=-1)
@@ -63,9 +66,9 @@ def sample_top_k(key, logits, temperature, top_k: int, vocab_limit: int = 0):
   return ids, logp[..., 0]
 
 
-def text_step(key, logits, ids, logp, masked, *, temperature, top_k, vocab_limit):
+def text_step(key, logits, ids, logp, masked, *, temperature, top_k, vocab_limit, banned=-1):
   """Fill the masked slots with new samples; other slots keep their ids and logp."""
-  new_ids, new_logp = sample_top_k(key, logits, temperature, top_k, vocab_limit)
+  new_ids, new_logp = sample_top_k(key, logits, temperature, top_k, vocab_limit, banned)
   return jnp.where(masked, new_ids, ids), jnp.where(masked, new_logp, logp)
 
 

@@ -9,6 +9,8 @@ Every decoding loop is one jitted function per (task, guidance, order, ...) spec
 compiled program per batch shape, and rows are processed in power-of-two chunks up to max_batch,
 so repeated calls never retrace (`trace_counts` counts traces). No TensorFlow on this path.
 """
+import collections
+import json
 import os
 import warnings
 
@@ -20,6 +22,11 @@ from PIL import Image
 from magvlt_jax import decoding, rerank, sampler_tasks, sequence
 from magvlt_jax import text as text_lib
 from magvlt_jax.models import transformer, vqgan
+
+
+# Module-wide cache of jitted functions and how often each kind was traced (compiled).
+_JITTED = {}
+TRACE_COUNTS = collections.Counter()
 
 
 def model_logits_fn(model, params):
@@ -80,8 +87,10 @@ class Sampler:
     self.max_batch = int(max_batch or max(config.sample.batch_size, d.num_image_candidates,
                                           d.num_text_candidates))
     self.reranker = rerank.resolve(config)
-    self.trace_counts = {}
-    self._jitted = {}
+    self.trace_counts = TRACE_COUNTS
+    # Everything the compiled programs depend on besides their static specs.
+    self._config_key = json.dumps({k: config[k].to_dict() for k in ("model", "sequence", "vqgan")},
+                                  sort_keys=True, default=str)
 
   # ------------------------------------------------------------------ construction
   @classmethod
@@ -105,60 +114,60 @@ class Sampler:
     return cls(config, params, vq_params, tok, **kwargs)
 
   # ------------------------------------------------------------------ jitted pieces
-  def _count(self, name):
-    self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+  def _jit(self, key, build):
+    """The jitted function cached under `key` (module-wide: a new Sampler of the same config
+    reuses compiled programs); build() -> python function, traced on first call per shape."""
+    key = (key[0], self._config_key) + tuple(key[1:])
+    if key not in _JITTED:
+      f = build()
+
+      def counted(*args):
+        TRACE_COUNTS[key[0]] += 1  # runs only while tracing
+        return f(*args)
+      _JITTED[key] = jax.jit(counted)
+    return _JITTED[key]
 
   def _decoder(self, task, guidance: bool, text_temperature=None):
     spec = decoding.spec_from_config(self.config, task, guidance=guidance,
                                      eos_id=self.tokenizer.eos_id,
                                      vocab_limit=self.tokenizer.vocab_size,
                                      text_temperature=text_temperature)
-    name = ("decode", task, spec)
-    if name not in self._jitted:
-      task_fn = {"t2i": decoding.text_to_image, "inpaint": decoding.inpaint,
-                 "i2t": decoding.image_to_text, "infill": decoding.infill}[task]
-      model = self.model
+    task_fn = {"t2i": decoding.text_to_image, "inpaint": decoding.inpaint,
+               "i2t": decoding.image_to_text, "infill": decoding.infill}[task]
+    model = self.model
 
+    def build():
       def run(params, key, scale, *arrays):
-        self._count(task)
         out = task_fn(model_logits_fn(model, params), spec, key, *arrays, guidance_scale=scale)
         return out.replace(history=None)
-      self._jitted[name] = jax.jit(run)
-    return self._jitted[name]
+      return run
+    return self._jit((task, spec), build)
 
   def _fn(self, name):
-    """Jitted VQGAN / reranking helpers, built once."""
-    if name in self._jitted:
-      return self._jitted[name]
+    """Jitted VQGAN / reranking / unconditional helpers."""
     cfg, model = self.config, self.model
     img_vocab = int(cfg.sequence.image_vocab_size)
     n_txt, n_img = self.n_txt, self.n_img
-
-    def counted(f):
-      def g(*a):
-        self._count(name)
-        return f(*a)
-      return g
+    extra = ()
     if name == "encode":
-      f = lambda p, x: vqgan.encode(p, vqgan.to_model_range(x), cfg.vqgan)
+      build = lambda: lambda p, x: vqgan.encode(p, vqgan.to_model_range(x), cfg.vqgan)
     elif name == "decode_pixels":
-      f = lambda p, c: vqgan.to_uint8(vqgan.decode(p, c, cfg.vqgan))
-    elif name == "image_loglik":
-      layout = sequence.make_layout(sequence.Task.T2I, n_txt, n_img)
-      f = lambda p, c, t, l: rerank.image_loglik(model_logits_fn(model, p), layout, img_vocab, c, t, l)
-    elif name == "text_loglik":
-      layout = sequence.make_layout(sequence.Task.I2T, n_txt, n_img)
-      f = lambda p, c, t, l: rerank.text_loglik(model_logits_fn(model, p), layout, img_vocab, c, t, l)
+      build = lambda: lambda p, c: vqgan.to_uint8(vqgan.decode(p, c, cfg.vqgan))
+    elif name in ("image_loglik", "text_loglik"):
+      task = sequence.Task.T2I if name == "image_loglik" else sequence.Task.I2T
+      layout = sequence.make_layout(task, n_txt, n_img)
+      score = getattr(rerank, name)
+      build = lambda: lambda p, c, t, l: score(model_logits_fn(model, p), layout, img_vocab, c, t, l)
     elif name == "uncond":
       spec = decoding.spec_from_config(cfg, "uncond", eos_id=self.tokenizer.eos_id,
                                        vocab_limit=self.tokenizer.vocab_size)
-      length_range = tuple(cfg.decoding.uncond_text_length)
-      f = lambda p, k, b: decoding.generate(model_logits_fn(model, p), spec, k, b.shape[0],
-                                            length_range).replace(history=None)
+      length_range = tuple(int(v) for v in cfg.decoding.uncond_text_length)
+      extra = (spec, length_range)
+      build = lambda: lambda p, k, b: decoding.generate(
+          model_logits_fn(model, p), spec, k, b.shape[0], length_range).replace(history=None)
     else:
       raise KeyError(name)
-    self._jitted[name] = jax.jit(counted(f))
-    return self._jitted[name]
+    return self._jit((name,) + extra, build)
 
   def _chunked(self, fn, arrays, key=None):
     """Runs fn(*chunk) (fn(key_i, *chunk) with a key) over row chunks of power-of-two size,
