@@ -1,4 +1,8 @@
 """Image metrics: Frechet distance, IS, CLIP score, PSNR/SSIM, extractors, reference-stat cache."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import jax.numpy as jnp
@@ -91,6 +95,26 @@ def test_feature_extractor_pads_batches_and_compiles_once():
   assert len(traces) == 1  # 4 + 4 + 2 (padded to 4): one compilation
   with pytest.raises(ValueError, match="toy: images must be"):
     ex(x[..., 0])
+
+
+def test_feature_extractor_splits_batches_over_devices():
+  code = """
+import numpy as np, jax, jax.numpy as jnp
+from magvlt_jax.evaluation import image_metrics as im
+assert jax.local_device_count() == 4
+apply = lambda p, x: {"features": jnp.mean(x.astype(jnp.float32), axis=(1, 2)) * p,
+                      "logits": jnp.zeros((x.shape[0], 3))}
+ex = im.FeatureExtractor("toy", apply, jnp.float32(2.0), "fd", "is", batch_size=8)
+x = np.random.default_rng(0).integers(0, 256, size=(11, 4, 4, 3)).astype(np.uint8)
+np.testing.assert_allclose(ex(x)["features"], x.mean(axis=(1, 2)) * 2.0, rtol=1e-6)
+print("sharded", ex._sharding is not None)
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "sharded True" in res.stdout
 
 
 def test_reference_statistics_cached(tmp_path):

@@ -168,4 +168,6 @@ def test_forward_outputs_pool3_and_logits(weights):
   assert float(jnp.min(out["pool3"])) >= 0.0  # mean of ReLU outputs
   want = np.asarray(out["pool3"]) @ params["fc"]["kernel"] + params["fc"]["bias"]
   np.testing.assert_allclose(np.asarray(out["logits"]), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out["logits_unbiased"]), want - params["fc"]["bias"],
+                             rtol=1e-4, atol=1e-4)
   assert not np.allclose(out["pool3"][0], out["pool3"][1])

@@ -157,6 +157,14 @@ class FeatureExtractor:
 
   def __post_init__(self):
     self._jitted = jax.jit(self.apply_fn)
+    self._sharding = None
+    devices = jax.local_devices()
+    if len(devices) > 1 and self.batch_size % len(devices) == 0:
+      # Split each batch over this host's devices; params replicated. jit follows the inputs.
+      mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      self.params = jax.device_put(self.params, replicated)
 
   def __call__(self, images_uint8, blur_radius: float = 0.0) -> Dict[str, np.ndarray]:
     images = np.asarray(images_uint8)
@@ -168,7 +176,9 @@ class FeatureExtractor:
       n = len(chunk)
       if n < self.batch_size:  # fixed shapes: pad with copies, drop afterwards
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, 0)])
-      out = self._jitted(self.params, jnp.asarray(chunk, jnp.uint8))
+      chunk = np.asarray(chunk, np.uint8)
+      x = jax.device_put(chunk, self._sharding) if self._sharding else jnp.asarray(chunk)
+      out = self._jitted(self.params, x)
       outs.append({k: np.asarray(v)[:n] for k, v in out.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in ("features", "logits")}
 
@@ -197,7 +207,8 @@ def inception_extractor(weights_path: str, batch_size: int = 50, dtype=jnp.float
 
   def apply(p, x):
     out = model.apply({"params": p}, x)
-    return {"features": out["pool3"], "logits": out["logits"]}
+    # IS as in the original code / torch-fidelity: softmax of the 1008 logits without the fc bias
+    return {"features": out["pool3"], "logits": out["logits_unbiased"]}
   return FeatureExtractor("inception_v3_fid", apply, params, "fid", "is", batch_size)
 
 

@@ -6,7 +6,8 @@ Batch-norm statistics are stored as (frozen) params: this network is inference-o
 
 Preprocessing is pytorch-fid's: uint8 -> [0, 1], bilinear resize to 299x299 without antialiasing
 (F.interpolate(..., align_corners=False)), then 2x - 1.
-Outputs: 'pool3' [B, 2048] (FID features) and 'logits' [B, 1008] (Inception Score), float32.
+Outputs (float32): 'pool3' [B, 2048] (FID features), 'logits' [B, 1008] (fc with bias) and
+'logits_unbiased' [B, 1008] (fc without bias: what the Inception Score is defined on).
 """
 from typing import Any, Tuple
 
@@ -140,6 +141,20 @@ class FIDInceptionE(_Block):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+class _Logits(nn.Module):
+  """The 1008-way head. The original Inception Score code (and torch-fidelity) uses the logits
+  WITHOUT the bias (`softmax/logits/MatMul`), so both are returned."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pool3):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (FEATURE_DIM, NUM_LOGITS),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (NUM_LOGITS,), self.param_dtype)
+    unbiased = jnp.dot(pool3, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return unbiased + bias.astype(jnp.float32), unbiased
+
+
 def resize_bilinear(images, size: int):
   """torch F.interpolate(mode='bilinear', align_corners=False, antialias=False) in NHWC."""
   b, h, w, c = images.shape
@@ -184,8 +199,8 @@ class FIDInceptionV3(nn.Module):
     x = FIDInceptionE(pool="avg", **kw, name="Mixed_7b")(x)
     x = FIDInceptionE(pool="max", **kw, name="Mixed_7c")(x)
     pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = nn.Dense(NUM_LOGITS, dtype=jnp.float32, param_dtype=self.param_dtype, name="fc")(pool3)
-    return {"pool3": pool3, "logits": logits.astype(jnp.float32)}
+    logits, unbiased = _Logits(self.param_dtype, name="fc")(pool3)
+    return {"pool3": pool3, "logits": logits, "logits_unbiased": unbiased}
 
 
 def abstract_params(image_size: int = FID_IMAGE_SIZE, param_dtype: Dtype = jnp.float32):
