@@ -171,3 +171,15 @@ def test_forward_outputs_pool3_and_logits(weights):
   np.testing.assert_allclose(np.asarray(out["logits_unbiased"]), want - params["fc"]["bias"],
                              rtol=1e-4, atol=1e-4)
   assert not np.allclose(out["pool3"][0], out["pool3"][1])
+
+
+@pytest.mark.slow
+def test_full_size_extractor_at_299(weights):
+  from magvlt_jax.evaluation import image_metrics
+  _, path, _ = weights
+  ex = image_metrics.inception_extractor(path, batch_size=2)
+  images = np.random.default_rng(4).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+  out = ex(images)
+  assert out["features"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+  assert np.isfinite(out["features"]).all()
+  assert (ex.fd_name, ex.is_name) == ("fid", "is")

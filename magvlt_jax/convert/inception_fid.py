@@ -102,3 +102,11 @@ def export_npz(state_dict_path: str, npz_path: str) -> None:
   sd = read_state_dict(state_dict_path)
   convert_state_dict(sd, source=state_dict_path)
   np.savez(npz_path, **{k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")})
+
+
+if __name__ == "__main__":  # python -m magvlt_jax.convert.inception_fid IN.pth OUT.npz
+  import sys
+  if len(sys.argv) != 3:
+    sys.exit("usage: python -m magvlt_jax.convert.inception_fid pt_inception-2015-12-05.pth out.npz")
+  export_npz(sys.argv[1], sys.argv[2])
+  print(f"wrote {sys.argv[2]}")
