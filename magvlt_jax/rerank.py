@@ -93,9 +93,8 @@ def best_of(scores, num_candidates: int) -> np.ndarray:
 
 def load_clip_scorer(weights_path: str):
   """(images uint8 [B, H, W, 3], captions list[str]) -> float32 [B] cosine similarities, from the
-  user-supplied CLIP checkpoint at `weights_path` (magvlt_jax.models.clip)."""
+  user-supplied CLIP checkpoint (OpenAI / open_clip state dict; its BPE file beside it or from
+  open_clip), via magvlt_jax.models.clip.CLIPScorer."""
   from magvlt_jax.models import clip  # pylint: disable=import-outside-toplevel
-  model = clip.load(weights_path)
-  def score(images, captions):
-    return clip_similarity(model.encode_images(images), model.encode_texts(captions))
-  return score
+  scorer = clip.CLIPScorer.from_path(weights_path)
+  return lambda images, captions: np.asarray(scorer.similarity(images, list(captions)), np.float32)

@@ -158,3 +158,18 @@ def test_colab_notebook_cells_run(workdir, monkeypatch, tmp_path):
       namespace["display"] = lambda *a: None  # no notebook front end in tests
   assert len(namespace["captions"]) == 2 and len(namespace["pairs"]) == 2
   assert os.path.exists("/tmp/t2i_grid.png")
+
+
+def test_clip_rerank_keeps_the_best_scored_candidate(workdir, monkeypatch):
+  config = checkpoints.load_config(workdir)
+  config.decoding.rerank = "clip"
+  with pytest.raises(ValueError, match="clip_weights"):
+    sampler_lib.Sampler.from_checkpoint(workdir, config=config)
+  config.decoding.clip_weights = "/nonexistent/ViT-B-32.pt"  # never read: scorer stubbed below
+  s = sampler_lib.Sampler.from_checkpoint(workdir, config=config)
+  s._clip_scorer = lambda images, caps: np.asarray(images, np.float32).mean(axis=(1, 2, 3))
+  every = s.text_to_image(["a red circle"], n=2, seed=4, return_all=True)[0]
+  bright = [np.asarray(im, np.float32).mean() for im in every]
+  assert bright[0] >= bright[1]
+  best = s.text_to_image(["a red circle"], n=2, seed=4)[0]
+  np.testing.assert_array_equal(np.asarray(best), np.asarray(every[0]))
