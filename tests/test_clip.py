@@ -139,9 +139,9 @@ def test_open_clip_checkpoint_and_key_errors(bpe_path, tmp_path):
   np.testing.assert_array_equal(params["transformer"]["resblocks_1"]["in_proj"]["kernel"],
                                 sd["transformer.resblocks.1.attn.in_proj_weight"].T)
   assert config.vocab_size == vocab
-  with pytest.raises(ValueError, match="unused logit_bias"):
+  with pytest.raises(ValueError, match=r"1 unused \['logit_bias'\]"):
     clip.convert_state_dict(dict(sd, logit_bias=np.zeros(1, np.float32)))
-  with pytest.raises(ValueError, match="missing visual.ln_post.bias"):
+  with pytest.raises(ValueError, match=r"1 missing \['visual.ln_post.bias'\]"):
     clip.convert_state_dict({k: v for k, v in sd.items() if k != "visual.ln_post.bias"})
 
 

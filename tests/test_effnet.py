@@ -30,9 +30,9 @@ def test_wheel_weights_convert_with_every_key(params):
   assert len([k for k in params if k.startswith("block")]) == 16
   np.testing.assert_array_equal(params["block3"]["depthwise"]["kernel"],
                                 sd["_blocks.3._depthwise_conv.weight"].transpose(2, 3, 1, 0))
-  with pytest.raises(ValueError, match="unused _extra"):
+  with pytest.raises(ValueError, match=r"1 unused \['_extra'\]"):
     effnet_lite.convert_state_dict(dict(sd, _extra=np.zeros(1)))
-  with pytest.raises(ValueError, match="missing _fc.bias"):
+  with pytest.raises(ValueError, match=r"1 missing \['_fc.bias'\]"):
     effnet_lite.convert_state_dict({k: v for k, v in sd.items() if k != "_fc.bias"})
 
 

@@ -10,21 +10,20 @@ Layout map: `X.conv.weight` [O, I, kh, kw] -> X.kernel [kh, kw, I, O]; `X.bn.{we
 running_mean, running_var}` -> X.{scale, bias, mean, var}; `fc.weight` [1008, 2048] -> fc.kernel
 (transposed), `fc.bias` -> fc.bias.
 """
-import os
 from typing import Dict, Mapping
 
 import jax
 import numpy as np
 
-from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_layout
 from magvlt_jax.models import inception
 
 CONFIG_KEY = "config.eval.inception_weights"
 _BN = {"scale": "bn.weight", "bias": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
 
 
-def _torch_key(path) -> str:
-  names = [p.key for p in path]
+def _torch_key(names) -> str:
+  names = [getattr(n, "key", n) for n in names]
   *module, leaf = names
   prefix = ".".join(module)
   if module == ["fc"]:
@@ -32,64 +31,24 @@ def _torch_key(path) -> str:
   return f"{prefix}.{'conv.weight' if leaf == 'kernel' else _BN[leaf]}"
 
 
-def _to_torch_shape(leaf: str, shape):
-  if leaf == "kernel" and len(shape) == 4:
-    kh, kw, i, o = shape
-    return (o, i, kh, kw)
-  if leaf == "kernel":
-    return tuple(reversed(shape))
-  return tuple(shape)
-
-
 def expected_torch_shapes() -> Dict[str, tuple]:
   """torch key -> torch shape of every tensor the FID Inception needs (1008-way fc included)."""
   flat = jax.tree_util.tree_flatten_with_path(inception.abstract_params())[0]
-  return {_torch_key(p): _to_torch_shape(p[-1].key, x.shape) for p, x in flat}
+  return {_torch_key(p): torch_layout.torch_shape(p[-1].key, x.shape) for p, x in flat}
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "state dict"):
   """Maps a pytorch-fid state dict (torch layout) to the params tree, checking keys and shapes."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(inception.abstract_params())
-  used = {k for k in state_dict if k.endswith("num_batches_tracked")}
-  missing, bad_shape, leaves = [], [], []
-  for path, abstract in flat:
-    key, leaf = _torch_key(path), path[-1].key
-    if key not in state_dict:
-      missing.append(key)
-      leaves.append(None)
-      continue
-    used.add(key)
-    value = np.asarray(state_dict[key], np.float32)
-    want = _to_torch_shape(leaf, abstract.shape)
-    if value.shape != want:
-      bad_shape.append(f"{key}: file {value.shape}, expected {want}")
-      leaves.append(None)
-      continue
-    if leaf == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    leaves.append(np.array(value, order="C"))  # (ascontiguousarray makes 0-d 1-d)
-  unused = sorted(set(state_dict) - used)
-  if missing or bad_shape or unused:
-    raise ValueError(
-        f"{source} does not match the pytorch-fid FID Inception-v3 ({CONFIG_KEY}): "
-        f"{len(missing)} missing {missing[:5]}, {len(bad_shape)} wrong shapes {bad_shape[:5]}, "
-        f"{len(unused)} unused {unused[:5]}")
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  return torch_layout.assign(inception.abstract_params(), state_dict, _torch_key,
+                             f"the pytorch-fid FID Inception-v3 ({CONFIG_KEY})", source)
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads the torch keys from a pytorch-fid `.pth` or an `.npz` with the same keys."""
-  if not path:
-    raise ValueError(
-        f"FID/IS need the FID Inception-v3 weights: set {CONFIG_KEY} to pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth (or an .npz of the same keys); they cannot be "
-        "downloaded here. The offline proxy fd_effnet_lite0/is_effnet_lite0 needs no weights.")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{CONFIG_KEY}={path!r}: file not found")
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  return torch_pickle.load_state_dict(path)
+  what = ("FID/IS need the FID Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-"
+          "6726825d.pth or an .npz of the same keys; they cannot be downloaded here; the offline "
+          "proxy fd_effnet_lite0/is_effnet_lite0 needs none)")
+  return torch_layout.read_weights(torch_layout.check_path(path, CONFIG_KEY, what))
 
 
 def load_params(path: str):

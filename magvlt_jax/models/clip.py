@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_layout
 from magvlt_jax.models import clip_tokenizer
 
 CONFIG_KEY = "config.decoding.clip_weights"
@@ -217,38 +217,15 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], activation: str = "quick_ge
   """(CLIPConfig, params) from an OpenAI/open_clip ViT state dict; every key used, shapes checked."""
   sd = _normalise_keys(sd)
   config = config_from_state_dict(sd, activation)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(config))
-  leaves, used, problems = [], set(), []
-  for path, abstract in flat:
-    names = [p.key for p in path]
-    key = _torch_key(names)
-    if key not in sd:
-      problems.append(f"missing {key}")
-      leaves.append(None)
-      continue
-    used.add(key)
-    value = np.asarray(sd[key], np.float32)
-    if names[-1] == "kernel":  # torch Linear [out, in] / Conv [O, I, kh, kw]
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    if value.shape != abstract.shape:
-      problems.append(f"{key}: converted {value.shape}, expected {abstract.shape}")
-    leaves.append(np.array(value, order="C"))  # (ascontiguousarray makes 0-d 1-d)
-  problems += [f"unused {k}" for k in sorted(set(sd) - used)]
-  if problems:
-    raise ValueError(f"{source} does not match a ViT CLIP ({CONFIG_KEY}): {problems[:8]}")
-  return config, jax.tree_util.tree_unflatten(treedef, leaves)
+  params = torch_layout.assign(abstract_params(config), sd, _torch_key,
+                               f"a ViT CLIP ({CONFIG_KEY})", source)
+  return config, params
 
 
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  if not path:
-    raise ValueError(f"CLIP reranking / CLIP score need CLIP weights: set {CONFIG_KEY} (also read "
-                     "as config.eval.clip_weights) to a ViT CLIP state dict or open_clip checkpoint")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{CONFIG_KEY}={path!r}: file not found")
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  return torch_pickle.load_state_dict(path)
+  what = ("CLIP reranking / CLIP score need CLIP weights (also read as config.eval.clip_weights): "
+          "a ViT CLIP state dict or an open_clip checkpoint")
+  return torch_layout.read_weights(torch_layout.check_path(path, CONFIG_KEY, what))
 
 
 class CLIPScorer:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_layout
 
 Dtype = Any
 IMAGE_SIZE = 224
@@ -134,28 +134,7 @@ def _abstract_params():
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], source: str = "state dict"):
   """lukemelas EfficientNet-Lite0 state dict -> params; every key used, shapes checked."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(_abstract_params())
-  used = {k for k in sd if k.endswith("num_batches_tracked")}
-  leaves, problems = [], []
-  for path, abstract in flat:
-    names = [p.key for p in path]
-    key = _torch_key(names)
-    value = sd.get(key)
-    if value is None:
-      problems.append(f"missing {key}")
-      leaves.append(None)
-      continue
-    used.add(key)
-    value = np.asarray(value, np.float32)
-    if names[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    if value.shape != abstract.shape:
-      problems.append(f"{key}: converted shape {value.shape}, expected {abstract.shape}")
-    leaves.append(np.array(value, order="C"))  # (ascontiguousarray makes 0-d 1-d)
-  problems += [f"unused {k}" for k in sorted(set(sd) - used)]
-  if problems:
-    raise ValueError(f"{source} is not an EfficientNet-Lite0 state dict: {problems[:8]}")
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+  return torch_layout.assign(_abstract_params(), sd, _torch_key, "EfficientNet-Lite0", source)
 
 
 def default_weights_path() -> str:
@@ -171,9 +150,4 @@ def load_params(path: Optional[str] = None) -> Dict[str, Any]:
   path = path or default_weights_path()
   if not os.path.exists(path):
     raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {path}")
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      sd = {k: z[k] for k in z.files}
-  else:
-    sd = torch_pickle.load_state_dict(path)
-  return convert_state_dict(sd, source=path)
+  return convert_state_dict(torch_layout.read_weights(path), source=path)
