@@ -134,3 +134,22 @@ def test_reads_bundled_efficientnet_wheel():
   assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
   assert sd["_fc.weight"].shape == (1000, 1280)
   assert sum(v.size for v in sd.values()) == 4_694_073
+
+
+def test_untyped_storage_with_dtype_v3(tmp_path):
+  # torch>=2.1 writes dtypes without a legacy storage class (uint16, float8...) as
+  # _rebuild_tensor_v3(UntypedStorage bytes, ..., dtype).
+  values = np.arange(6, dtype=np.uint16).reshape(2, 3) * 1000
+  pid = tp._PersistentStorage("0", "UntypedStorage", values.nbytes)
+
+  class _V3:
+    def __reduce__(self):
+      return (tp._GlobalRef("torch._utils", "_rebuild_tensor_v3"),
+              (pid, 0, (2, 3), (3, 1), False, collections.OrderedDict(),
+               tp._GlobalRef("torch", "uint16")))
+  obj = {"w": _V3()}
+  path = str(tmp_path / "v3.pt")
+  _write_raw_zip(path, obj, {"0": values.view(np.uint8).reshape(-1)})
+  out = tp.load_state_dict(path)
+  assert out["w"].dtype == np.uint16
+  np.testing.assert_array_equal(out["w"], values)

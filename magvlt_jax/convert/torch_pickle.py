@@ -47,6 +47,8 @@ _TORCH_DTYPES = {
     "float64": "<f8", "double": "<f8", "float32": "<f4", "float": "<f4", "float16": "<f2",
     "half": "<f2", "bfloat16": ml_dtypes.bfloat16, "int64": "<i8", "long": "<i8", "int32": "<i4",
     "int": "<i4", "int16": "<i2", "short": "<i2", "int8": "i1", "uint8": "u1", "bool": "?",
+    "uint16": "<u2", "uint32": "<u4", "uint64": "<u8", "complex64": "<c8", "complex128": "<c16",
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
 }
 
 
@@ -94,8 +96,8 @@ class _LazyStorage:
 
 
 class _LazyTensor:
-  def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset = storage, int(offset)
+  def __init__(self, storage, offset, size, stride, dtype=None):
+    self.storage, self.offset, self.dtype = storage, int(offset), dtype
     self.size, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
 
 
@@ -105,13 +107,23 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   return _LazyTensor(storage, offset, size, stride)
 
 
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, *unused):
+  """torch>=2.1 for dtypes without a legacy storage class: bytes of an UntypedStorage + dtype."""
+  del requires_grad, hooks
+  if not isinstance(dtype, np.dtype):
+    raise TorchPickleError(f"_rebuild_tensor_v3 with unsupported dtype {dtype!r}")
+  tensor = _rebuild_tensor(storage, offset, size, stride)
+  tensor.dtype = dtype
+  return tensor
+
+
 def _rebuild_parameter(data, *unused):
   return data
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
   del new_type, state  # torch.Tensor / nn.Parameter subclass info: irrelevant for arrays.
-  if func not in (_rebuild_tensor, _rebuild_parameter):
+  if func not in (_rebuild_tensor, _rebuild_tensor_v3, _rebuild_parameter):
     raise TorchPickleError(f"_rebuild_from_type_v2 with unsupported function {func!r}")
   return func(*args)
 
@@ -131,6 +143,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
@@ -195,18 +208,23 @@ def _materialise(t: _LazyTensor) -> np.ndarray:
   base, extra = (st.view[0], st.view[1]) if st.view is not None else (st, 0)
   if base.data is None:
     raise TorchPickleError(f"storage {base.key} has no data in the file")
+  data = base.data
+  if t.dtype is not None and t.dtype != data.dtype:  # v3: reinterpret the untyped bytes
+    if data.dtype != np.uint8 or data.size % t.dtype.itemsize:
+      raise TorchPickleError(f"cannot view storage {base.key} ({data.dtype}) as {t.dtype}")
+    data = data.view(t.dtype)
   offset = extra + t.offset
   numel = int(np.prod(t.size)) if t.size else 1
   if len(t.size) != len(t.stride) or any(s < 0 for s in t.size + t.stride):
     raise TorchPickleError(f"bad tensor geometry size={t.size} stride={t.stride}")
   # Bounds check before as_strided: a malformed file must not read outside the storage.
   last = offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) if numel else offset - 1
-  if offset < 0 or last >= base.data.size:
+  if offset < 0 or last >= data.size:
     raise TorchPickleError(f"tensor (offset {offset}, size {t.size}, stride {t.stride}) "
-                           f"exceeds its storage of {base.data.size} elements")
+                           f"exceeds its storage of {data.size} elements")
   if numel == 0:
-    return np.zeros(t.size, base.data.dtype)
-  flat = base.data[offset:]
+    return np.zeros(t.size, data.dtype)
+  flat = data[offset:]
   if not t.size:  # as_strided treats shape () as "keep the input shape"
     return np.array(flat[0])
   item = flat.dtype.itemsize
