@@ -189,8 +189,10 @@ def tiny():
   config.model.num_heads = 2
   model = transformer.from_config(config)
   r = np.random.RandomState(0)  # random params without compiling the init program
-  leaves, treedef = jax.tree.flatten(transformer.param_shapes(config))
-  params = treedef.unflatten([jnp.asarray(r.randn(*l.shape) * 0.05, l.dtype) for l in leaves])
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, l: jnp.asarray(1.0 + 0.1 * r.randn(*l.shape) if "scale" in str(path[-1])
+                                  else 0.3 * r.randn(*l.shape), l.dtype),
+      transformer.param_shapes(config))
   def logits_fn_of(p):
     return lambda inputs, attn, *, layout, outputs: model.apply(
         {"params": p}, inputs, attn, layout=layout, deterministic=True, outputs=outputs)
