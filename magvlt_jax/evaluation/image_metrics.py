@@ -168,8 +168,8 @@ class FeatureExtractor:
 
   def __call__(self, images_uint8, blur_radius: float = 0.0) -> Dict[str, np.ndarray]:
     images = np.asarray(images_uint8)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"{self.name}: images must be [N, H, W, 3] uint8, got {images.shape}")
+    if images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+      raise ValueError(f"{self.name}: images must be [N >= 1, H, W, 3] uint8, got {images.shape}")
     outs = []
     for start in range(0, len(images), self.batch_size):
       chunk = gaussian_blur(images[start:start + self.batch_size], blur_radius)
