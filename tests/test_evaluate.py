@@ -58,3 +58,83 @@ def test_check_complete_flags_missing_and_nonfinite():
   assert rep.check_complete(bad) == ["i2t/cider=nan", "tokenizer/psnr=None"]
   assert rep.scalar_metrics(_report())["i2t/bleu_4"] == 0.5
   assert "t2i/fid" not in rep.scalar_metrics(_report())
+
+
+# ----------------------------------------------------------------------------- end to end
+def _tiny_config():
+  from magvlt_jax.configs_util import load_config
+  c = load_config("configs/magvlt.py:tiny")
+  c.model.num_layers, c.model.embed_dim, c.model.num_heads = 1, 32, 2
+  v = c.vqgan  # smallest VQGAN keeping the 64x64 -> 8x8 grid
+  v.base_channels, v.z_channels, v.embed_dim, v.norm_groups = 8, 8, 8, 4
+  c.data.synthetic.num_train, c.data.synthetic.num_eval = 16, 8
+  for key in ("num_t2i", "num_i2t", "num_inpaint", "num_infill", "num_recon"):
+    c.eval[key] = 4
+  c.eval.batch_size = 4
+  c.eval.num_grid = 4
+  c.decoding.num_image_candidates = 2  # exercises reranking (likelihood: no CLIP weights)
+  c.decoding.num_text_candidates = 2
+  c.sample.batch_size = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+  """A trained-looking run: config.json, one transformer checkpoint (random params), VQGAN params
+  from init, and a sentencepiece model trained on the synthetic captions."""
+  import jax
+  import optax
+  from magvlt_jax import checkpoints, text
+  from magvlt_jax.data import pipeline
+  from magvlt_jax.models import transformer, vqgan
+  from magvlt_jax.train.train_state import TrainState
+  workdir = str(tmp_path_factory.mktemp("run"))
+  c = _tiny_config()
+  checkpoints.save_config(workdir, c)
+  text.get_or_train_tokenizer(c, workdir, lambda: pipeline.synthetic_captions(c))
+  params = transformer.init_params(c, jax.random.PRNGKey(0))
+  store = checkpoints.CheckpointStore(f"{workdir}/checkpoints", async_save=False)
+  store.save(7, TrainState.create(params, optax.sgd(0.1)), force=True)
+  store.close()
+  vq = vqgan.init_params(c.vqgan, jax.random.PRNGKey(1))
+  vqgan.save_params_npz(f"{workdir}/tokenizer/params.npz", vq)
+  return workdir
+
+
+def test_evaluate_writes_complete_report(tiny_workdir, capsys):
+  import os
+  from magvlt_jax import sampler as sampler_lib
+  from magvlt_jax.evaluation import evaluate
+  cli = _tiny_config()
+  cli.eval.text_temperature = 0.7  # command-line eval.* wins over config.json
+  cli.model.num_layers = 5  # ... but the architecture comes from config.json
+  merged = evaluate.merge_config(cli, tiny_workdir)
+  assert merged.model.num_layers == 1 and merged.eval.text_temperature == 0.7
+  # One sampler for both runs below, so the second reuses its compiled decoders.
+  sampler = sampler_lib.Sampler.from_checkpoint(tiny_workdir, config=merged, step=7)
+  report = evaluate.run(cli, tiny_workdir, sampler=sampler)
+  path = os.path.join(tiny_workdir, "eval", "report_step_7.json")
+  on_disk = rep.load_report(path)
+  assert rep.check_complete(on_disk) == []
+  assert on_disk["checkpoint"]["step"] == 7
+  assert on_disk["settings"]["eval"]["text_temperature"] == 0.7
+  assert on_disk["counts"] == {"t2i": 4, "i2t": 4, "inpaint": 4, "infill": 4, "tokenizer": 4}
+  m = on_disk["metrics"]
+  assert "inception_weights" in m["t2i"]["fid"]["skipped"]
+  assert "clip_weights" in m["t2i"]["clip_score"]["skipped"]
+  assert "spice_corenlp_jar" in m["i2t"]["spice"]["skipped"] or "Java" in m["i2t"]["spice"]["skipped"]
+  assert 0.0 <= m["tokenizer"]["codebook_usage"] <= 1.0 and m["tokenizer"]["psnr"] > 0
+  for name in ("t2i.png", "inpaint.png", "tokenizer.png", "captions.json"):
+    assert os.path.exists(os.path.join(tiny_workdir, "eval", "step_7", name)), name
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(tiny_workdir, "tb", "eval")))
+  assert "evaluation of step 7" in capsys.readouterr().out
+  # Same seed, same checkpoint -> the same report; --config.eval.compare prints the differences.
+  other = json.loads(json.dumps(on_disk))
+  other["metrics"]["tokenizer"]["psnr"] += 1.0
+  other_path = os.path.join(tiny_workdir, "other.json")
+  rep.write_report(other_path, other)
+  cli.eval.compare = other_path
+  again = evaluate.run(cli, tiny_workdir, sampler=sampler)  # real-image stats now from the cache
+  assert rep.compare_reports(report, again) == []
+  out = capsys.readouterr().out
+  assert "metrics/tokenizer/psnr" in out and "(-1)" in out

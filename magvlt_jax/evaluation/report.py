@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping
 
 REPORT_FORMAT = "magvlt_jax.eval_report/1"
 CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
-IMAGE_METRICS = ("fid", "inception_score", "fd_effnet_lite0", "is_effnet_lite0")
+IMAGE_METRICS = ("fid", "is", "fd_effnet_lite0", "is_effnet_lite0")
 EXPECTED_METRICS = {
     "t2i": IMAGE_METRICS + ("clip_score", "fid_blur", "fd_effnet_lite0_blur"),
     "i2t": CAPTION_METRICS,
