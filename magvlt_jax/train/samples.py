@@ -1,0 +1,112 @@
+"""Periodic sample grids during training: T2I images for a few eval prompts and I2T captions for
+a few eval images, through the one decoding implementation (magvlt_jax.decoding), written to
+WORKDIR/samples/step_N/ (t2i.png + t2i.txt, i2t_images.png + i2t.txt) and to TensorBoard.
+"""
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magvlt_jax import decoding
+from magvlt_jax.models import vqgan
+
+
+def _logits_fn(model, params):
+  def fn(inputs, attn_mask, *, layout, outputs):
+    return model.apply({"params": params}, inputs, attn_mask, layout=layout, deterministic=True,
+                       outputs=outputs)
+  return fn
+
+
+def _sample_fns(setup):
+  """Jitted (params, vq_params, ..., key) -> outputs; built once per Setup."""
+  fns = getattr(setup, "_sample_fns", None)
+  if fns is not None:
+    return fns
+  config, model, tok = setup.config, setup.model, setup.text_tokenizer
+  t2i_spec = decoding.spec_from_config(config, "t2i", eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+  i2t_spec = decoding.spec_from_config(config, "i2t", eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+  encode = setup.objective.encode_fn
+
+  @jax.jit
+  def t2i(params, vq_params, text, text_length, key):
+    out = decoding.text_to_image(_logits_fn(model, params), t2i_spec, key, text, text_length)
+    return vqgan.to_uint8(vqgan.decode(vq_params, out.image_codes, config.vqgan))
+
+  @jax.jit
+  def i2t(params, vq_params, images, key):
+    codes = encode(vq_params, images)
+    out = decoding.image_to_text(_logits_fn(model, params), i2t_spec, key, codes)
+    recon = vqgan.to_uint8(vqgan.decode(vq_params, codes, config.vqgan))
+    return out.text_ids, recon
+
+  setup._sample_fns = (t2i, i2t)  # pylint: disable=protected-access
+  return setup._sample_fns  # pylint: disable=protected-access
+
+
+def _prompt_batch(config, workdir, tokenizer, n):
+  """The first n eval examples (fixed, so grids are comparable across steps)."""
+  from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  cache = os.path.join(workdir, "samples", "prompts.npz")
+  if os.path.exists(cache):
+    with np.load(cache) as f:
+      return {k: f[k] for k in f.files}
+  it = pipeline.create_eval_iterator(config, tokenizer, workdir=workdir, batch_size=n)
+  batch = next(iter(it))
+  out = {"image": batch["image"], "text": batch["text"], "text_length": batch["text_length"]}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    np.savez(cache, **out)
+  return out
+
+
+def image_grid(images, columns: int = 4, pad: int = 2) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one uint8 grid image (white padding)."""
+  images = np.asarray(images)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+  return grid
+
+
+def _save_png(path, image):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def write_samples(config, workdir, setup, params, tokenizer, step: int, writer, final: bool = False):
+  """Generates and writes the step's sample grids; returns {'prompts', 'captions', 'references'}."""
+  n = int(config.train.num_sample_prompts)
+  batch = _prompt_batch(config, workdir, tokenizer, n)
+  t2i, i2t = _sample_fns(setup)
+  key = jax.random.key(int(config.seed) + 7)
+  k1, k2 = jax.random.split(key)
+  images = np.asarray(jax.device_get(t2i(params, setup.vq_params, jnp.asarray(batch["text"]),
+                                          jnp.asarray(batch["text_length"]), k1)))
+  text_ids, recon = jax.device_get(i2t(params, setup.vq_params, jnp.asarray(batch["image"]), k2))
+  prompts = tokenizer.decode(batch["text"])
+  captions = tokenizer.decode(np.asarray(text_ids))
+  result = {"prompts": prompts, "captions": captions, "images": images}
+  if jax.process_index() != 0:
+    return result
+  out_dir = os.path.join(workdir, "samples", f"step_{step}")
+  os.makedirs(out_dir, exist_ok=True)
+  _save_png(os.path.join(out_dir, "t2i.png"), image_grid(images))
+  _save_png(os.path.join(out_dir, "i2t_images.png"), image_grid(batch["image"]))
+  with open(os.path.join(out_dir, "t2i.txt"), "w") as f:
+    f.write("".join(f"{i}: {p}\n" for i, p in enumerate(prompts)))
+  with open(os.path.join(out_dir, "i2t.txt"), "w") as f:
+    f.write("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
+  writer.write_images(step, {"samples/t2i": image_grid(images),
+                             "samples/i2t_inputs": image_grid(batch["image"]),
+                             "samples/i2t_inputs_vq": image_grid(recon)})
+  writer.write_texts(step, {
+      "samples/t2i_prompts": " | ".join(f"{i}: {p}" for i, p in enumerate(prompts)),
+      "samples/i2t_captions": " | ".join(f"{i}: {c}" for i, c in enumerate(captions))})
+  logging.info("%ssamples at step %d written to %s", "final " if final else "", step, out_dir)
+  return result

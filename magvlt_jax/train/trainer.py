@@ -1,0 +1,207 @@
+"""The transformer training loop: `train_and_evaluate(config, workdir)`.
+
+Order: validate the config; WORKDIR/config.json; the image tokenizer (trained first into
+WORKDIR/tokenizer when config.vqgan.checkpoint is empty and none was exported there); the text
+tokenizer; the mesh; the train state (restored from the latest checkpoint with the data-iterator
+state, or initialised sharded); then the loop: jitted step, logging (per-task losses, masked
+accuracies, LR, steps/s, ETA) every config.train.log_every, checkpoints every
+config.train.checkpoint_every (and on SIGTERM), sample grids every config.train.sample_every and
+at the end.
+"""
+import functools
+import logging
+import os
+import signal
+import time
+
+import jax
+
+from magvlt_jax import checkpoints
+from magvlt_jax import configs_util
+from magvlt_jax import objectives
+from magvlt_jax import parallel
+from magvlt_jax import text as text_lib
+from magvlt_jax.models import transformer
+from magvlt_jax.models import vqgan
+from magvlt_jax.train import metric_writer
+from magvlt_jax.train import optimizer as optimizer_lib
+from magvlt_jax.train import steps as steps_lib
+from magvlt_jax.train import train_state as train_state_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised after config.train.max_nonfinite_in_row non-finite steps in a row."""
+
+
+class _Preemption:
+  """SIGTERM -> a flag the loop checks after every step (it then saves and exits cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("signal %d received: saving a checkpoint and stopping", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def tokenizer_params(config, workdir: str):
+  """VQ-GAN params: config.vqgan.checkpoint, else WORKDIR/tokenizer (trained there if absent)."""
+  if config.vqgan.checkpoint:
+    return vqgan.load_params(config.vqgan.checkpoint, config.vqgan)
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if not os.path.exists(os.path.join(tok_dir, vqgan.PARAMS_FILE)):
+    from magvlt_jax.train import vqgan_trainer  # pylint: disable=import-outside-toplevel
+    logging.info("no image tokenizer in %s and config.vqgan.checkpoint is empty: training one", tok_dir)
+    vqgan_trainer.train_tokenizer(config, workdir)
+  return vqgan.load_params(tok_dir, config.vqgan)
+
+
+def make_encode_fn(config):
+  vq_config = config.vqgan
+
+  def encode(vq_params, images_uint8):
+    return vqgan.encode(vq_params, vqgan.to_model_range(images_uint8), vq_config)
+  return encode
+
+
+class Setup:
+  """Everything the loop needs, built once (also used by tests and the sampler job)."""
+
+  def __init__(self, config, workdir: str, text_tokenizer, vq_params):
+    self.config, self.workdir, self.text_tokenizer = config, workdir, text_tokenizer
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.rules = parallel.logical_rules(config.mesh.strategy)
+    self.model = transformer.from_config(config)
+    self.tx = optimizer_lib.make_optimizer(config)
+    self.schedule = optimizer_lib.learning_rate_schedule(config)
+    self.objective = objectives.Objective(config, self.model, make_encode_fn(config),
+                                          text_tokenizer.eos_id, text_tokenizer.sep_id)
+    init_fn = functools.partial(_init_state, config, tx=self.tx)
+    self.init_fn = init_fn
+    self.abstract = parallel.abstract_state(init_fn, jax.random.key(0), rules=self.rules)
+    self.shardings = parallel.state_shardings(self.abstract, self.mesh, self.rules)
+    rep = parallel.replicated(self.mesh)
+    self.vq_params = jax.device_put(vq_params, rep)
+    self.step_fn = parallel.jit_train_step(
+        functools.partial(steps_lib.train_step, objective=self.objective, tx=self.tx,
+                          schedule=self.schedule),
+        self.shardings, parallel.batch_sharding(self.mesh, self.rules), mesh=self.mesh,
+        rules=self.rules, extra_in_shardings=(rep, rep, rep))
+
+  def empty_metrics(self):
+    # Committed to the mesh like the step's outputs: an uncommitted input would retrace the step.
+    return jax.device_put(steps_lib.empty_metrics(), parallel.replicated(self.mesh))
+
+  def base_rng(self, seed: int):
+    return jax.device_put(jax.random.key(seed), parallel.replicated(self.mesh))
+
+  def init_state(self, seed: int):
+    return parallel.init_sharded(self.init_fn, self.shardings, self.mesh, self.rules)(
+        jax.random.key(seed))
+
+  def abstract_state(self):
+    return parallel.abstract_with_shardings(self.abstract, self.shardings)
+
+  def global_batch(self, host_batch):
+    return parallel.global_batch({k: host_batch[k] for k in steps_lib.BATCH_KEYS}, self.mesh, self.rules)
+
+
+def _init_state(config, rng, *, tx):
+  params = transformer.init_params(config, rng, boxed=True)
+  return train_state_lib.TrainState.create(params, tx)
+
+
+def _log_progress(writer, step, num_steps, metrics, t_start, start_step, extra):
+  values = steps_lib.compute_metrics(metrics)
+  elapsed = max(time.time() - t_start, 1e-9)
+  rate = (step - start_step) / elapsed
+  values.update(steps_per_sec=rate, eta_min=(num_steps - step) / max(rate, 1e-9) / 60.0, **extra)
+  writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+  return values
+
+
+def _check_nonfinite(state, limit: int, step: int):
+  in_row = int(jax.device_get(state.nonfinite_in_row))
+  if in_row:
+    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
+                    step, in_row, int(jax.device_get(state.nonfinite_total)))
+  if in_row >= limit:
+    raise NonFiniteError(
+        f"training stopped at step {step}: {in_row} non-finite losses/gradients in a row "
+        f"(config.train.max_nonfinite_in_row={limit}). Lower config.optimizer.peak_lr, raise "
+        f"config.optimizer.warmup_steps, or use model.dtype=float32; the last good checkpoint is "
+        f"in the workdir's checkpoints/.")
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains the tokenizer if needed, then the transformer; returns the final metrics dict."""
+  configs_util.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints.save_config(workdir, config)
+  vq_params = tokenizer_params(config, workdir)
+  from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  text_tokenizer = text_lib.get_or_train_tokenizer(config, workdir)
+  setup = Setup(config, workdir, text_tokenizer, vq_params)
+  store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"),
+                                      keep=int(config.train.keep_checkpoints),
+                                      save_every=int(config.train.checkpoint_every))
+  state, data_state = store.restore_latest(setup.abstract_state())
+  if state is None:
+    state = setup.init_state(int(config.seed))
+  iterator = pipeline.create_train_iterator(config, text_tokenizer, workdir=workdir)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  writer = metric_writer.create(workdir)
+  from magvlt_jax.train import samples  # pylint: disable=import-outside-toplevel
+  try:
+    state, last = _loop(config, setup, state, iterator, store, writer)
+    if int(state.step) >= int(config.train.num_steps):
+      samples.write_samples(config, workdir, setup, state.params, text_tokenizer,
+                            int(state.step), writer, final=True)
+  finally:
+    store.close()
+    writer.close()
+  return last
+
+
+def _loop(config, setup, state, iterator, store, writer):
+  from magvlt_jax.train import samples  # pylint: disable=import-outside-toplevel
+  t = config.train
+  num_steps, start = int(t.num_steps), int(jax.device_get(state.step))
+  rng = setup.base_rng(int(config.seed) + 1)
+  metrics = setup.empty_metrics()
+  logging.info("transformer: training steps %d..%d, global batch %d, %d devices", start,
+               num_steps, config.data.global_batch_size, jax.device_count())
+  last, t0 = {}, time.time()
+  with _Preemption() as preempt:
+    for step in range(start + 1, num_steps + 1):
+      batch = setup.global_batch(next(iterator))
+      state, metrics = setup.step_fn(state, batch, setup.vq_params, rng, metrics)
+      _check_nonfinite(state, int(t.max_nonfinite_in_row), step)
+      if step % int(t.log_every) == 0 or step == num_steps:
+        last = _log_progress(writer, step, num_steps, metrics, t0, start,
+                             {"nonfinite_total": float(jax.device_get(state.nonfinite_total))})
+        metrics = setup.empty_metrics()
+      store.save(step, state, data_state=iterator.get_state(),
+                 force=preempt.requested or step == num_steps)
+      if step % int(t.sample_every) == 0 and step < num_steps:
+        samples.write_samples(config, setup.workdir, setup, state.params,
+                              setup.text_tokenizer, step, writer)
+      if preempt.requested:
+        logging.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
+        break
+  store.wait()
+  return state, last
