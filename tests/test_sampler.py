@@ -1,7 +1,8 @@
 """Sampler API, --mode=sample job and the Colab notebook against a tiny random checkpoint."""
 import json
 import os
-import warnings
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,11 @@ def test_clip_rerank_keeps_the_best_scored_candidate(workdir, monkeypatch):
   assert bright[0] >= bright[1]
   best = s.text_to_image(["a red circle"], n=2, seed=4)[0]
   np.testing.assert_array_equal(np.asarray(best), np.asarray(every[0]))
+
+
+def test_sampling_path_imports_without_tensorflow():
+  code = ("import sys; import magvlt_jax.sampler, magvlt_jax.sample_job, magvlt_jax.rerank; "
+          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+          "assert not bad, bad")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"})
