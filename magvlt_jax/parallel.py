@@ -270,12 +270,13 @@ def jit_train_step(step_fn: Callable, state_shardings, batch_sharding, *, mesh: 
 
 def jit_sample_fn(sample_fn: Callable, param_shardings, *, mesh: Mesh, rules: Rules,
                   num_batch_args: int = 1, out_sharding=None, static_argnames=()):
-  """`sample_fn(params, *batch_args)` (e.g. the T2I decoding loop): params per the rules,
-  every batch argument (text ids, lengths, rng per row...) over the data axes, outputs too."""
+  """`sample_fn(params, key, *batch_args)` (e.g. the T2I decoding loop): params per the rules,
+  the PRNG key replicated, every batch argument (text ids, lengths, ...) and the outputs split
+  over the data axes."""
   batch = batch_sharding(mesh, rules)
   return ShardedFunction(
       sample_fn, mesh, rules,
-      in_shardings=(param_shardings,) + (batch,) * num_batch_args,
+      in_shardings=(param_shardings, replicated(mesh)) + (batch,) * num_batch_args,
       out_shardings=batch if out_sharding is None else out_sharding,
       static_argnames=static_argnames)
 
