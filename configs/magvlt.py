@@ -140,6 +140,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.decoding.text_top_k = 32
   c.decoding.guidance_scale = 0.0  # classifier-free guidance; 0 = off
   c.decoding.uncond_text_length = (8, 16)
+  c.decoding.uncond_steps = 12  # unconditional image+text generation (one loop for both)
+  c.decoding.rerank_passes = 4  # likelihood reranking: masked passes per candidate
   c.decoding.num_image_candidates = 32 if not tiny else 4
   c.decoding.num_text_candidates = 64 if not tiny else 4
   c.decoding.rerank = "auto"  # auto (CLIP if weights given, else likelihood) | clip | likelihood | none

@@ -157,7 +157,10 @@ class Sampler:
       task = sequence.Task.T2I if name == "image_loglik" else sequence.Task.I2T
       layout = sequence.make_layout(task, n_txt, n_img)
       score = getattr(rerank, name)
-      build = lambda: lambda p, c, t, l: score(model_logits_fn(model, p), layout, img_vocab, c, t, l)
+      passes = int(cfg.decoding.get("rerank_passes", 4))
+      extra = (passes,)
+      build = lambda: lambda p, c, t, l: score(model_logits_fn(model, p), layout, img_vocab, c, t,
+                                               l, num_passes=passes)
     elif name == "uncond":
       spec = decoding.spec_from_config(cfg, "uncond", eos_id=self.tokenizer.eos_id,
                                        vocab_limit=self.tokenizer.vocab_size)
