@@ -60,6 +60,39 @@ def test_check_complete_flags_missing_and_nonfinite():
   assert "t2i/fid" not in rep.scalar_metrics(_report())
 
 
+def test_report_cli_prints_differences(tmp_path, capsys):
+  a = rep.write_report(str(tmp_path / "a.json"), _report())
+  b = rep.write_report(str(tmp_path / "b.json"), _report(t2i__is=0.25))
+  assert rep.main([a, b]) == 0
+  assert "metrics/t2i/is" in capsys.readouterr().out
+  assert rep.main([a]) == 2
+
+
+def test_low_rank_frechet_matches_sqrtm_formula():
+  import numpy as np
+  from magvlt_jax.evaluation import image_eval, image_metrics
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(40, 24))
+  stats = image_metrics.feature_statistics(real)
+  for n in (5, 30):  # N <= D: eigenvalues of an N x N matrix; N > D: image_metrics' sqrtm path
+    gen = rng.normal(0.5, 1.2, size=(n, 24))
+    want = image_metrics.frechet_distance(*image_metrics.feature_statistics(gen), *stats)
+    assert image_eval.frechet_to_stats(gen, *stats) == pytest.approx(want, rel=1e-6)
+
+
+def test_caption_metrics_skipped_without_java(monkeypatch):
+  from magvlt_jax.configs_util import load_config
+  from magvlt_jax.evaluation import caption_metrics, tasks
+  config = load_config("configs/magvlt.py:tiny")
+  acc = tasks.Accumulator(config, bank=None, num_grid=0)
+  acc.add_captions("i2t", {"captions": [["a red circle"]], "image_id": [0]}, ["a red square"])
+  monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+  out = tasks.caption_results(config, acc)
+  assert all("openjdk-17-jre-headless" in v["skipped"] for v in out["i2t"].values())
+  assert set(out["i2t"]) == set(rep.CAPTION_METRICS)
+  assert all("num_infill=0" in v["skipped"] for v in out["infill"].values())
+
+
 # ----------------------------------------------------------------------------- end to end
 def _tiny_config():
   from magvlt_jax.configs_util import load_config
@@ -72,6 +105,7 @@ def _tiny_config():
     c.eval[key] = 4
   c.eval.batch_size = 4
   c.eval.num_grid = 4
+  c.eval.blur_fid_radius = 1.0  # exercises FID-k (blurred sets)
   c.decoding.num_image_candidates = 2  # exercises reranking (likelihood: no CLIP weights)
   c.decoding.num_text_candidates = 2
   c.sample.batch_size = 2
@@ -141,6 +175,9 @@ def test_evaluate_writes_complete_report(tiny_workdir, capsys):
   m = on_disk["metrics"]
   assert "inception_weights" in m["t2i"]["fid"]["skipped"]
   assert "clip_weights" in m["t2i"]["clip_score"]["skipped"]
+  for name in ("fd_effnet_lite0", "is_effnet_lite0", "fd_effnet_lite0_blur"):
+    assert isinstance(m["t2i"][name], float), name  # the offline proxy needs no user download
+  assert m["t2i"]["is_effnet_lite0"] >= 1.0 and m["t2i"]["fd_effnet_lite0"] >= 0.0
   assert "spice_corenlp_jar" in m["i2t"]["spice"]["skipped"] or "Java" in m["i2t"]["spice"]["skipped"]
   assert 0.0 <= m["tokenizer"]["codebook_usage"] <= 1.0 and m["tokenizer"]["psnr"] > 0
   for name in ("t2i.png", "inpaint.png", "tokenizer.png", "captions.json"):

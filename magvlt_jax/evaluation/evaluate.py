@@ -20,6 +20,7 @@ import logging
 import os
 from typing import Any, Dict, Optional
 
+import jax
 import ml_collections
 
 from magvlt_jax.evaluation import report as rep
@@ -125,8 +126,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, sampler=None) -> Dict[s
   problems = rep.check_complete(report)
   if problems:  # every metric is a number or explicitly skipped: anything else is a bug
     raise RuntimeError(f"evaluate: report incomplete: {problems}")
-  path = rep.write_report(os.path.join(out_dir, f"report_step_{step}.json"), report)
-  _write_tensorboard(config, workdir, step, report, result)
+  path = os.path.join(out_dir, f"report_step_{step}.json")
+  if jax.process_index() == 0:  # every host computes the same numbers; one writes them
+    rep.write_report(path, report)
+    _write_tensorboard(config, workdir, step, report, result)
   print(summary(report, path))
   if compare_path:
     other = rep.load_report(compare_path)

@@ -150,3 +150,19 @@ def format_comparison(rows: List[Dict[str, Any]], name_a: str = "A", name_b: str
     delta = f"  ({r['delta']:+.6g})" if "delta" in r else ""
     lines.append(f"  {r['key']:<{width}}  {_fmt(r['a'])} -> {_fmt(r['b'])}{delta}")
   return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  """python -m magvlt_jax.evaluation.report A.json B.json: print their differences (no evaluation)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  args = sys.argv[1:] if argv is None else list(argv)
+  if len(args) != 2:
+    print("usage: python -m magvlt_jax.evaluation.report REPORT_A.json REPORT_B.json")
+    return 2
+  a, b = load_report(args[0]), load_report(args[1])
+  print(format_comparison(compare_reports(a, b), args[0], args[1]))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

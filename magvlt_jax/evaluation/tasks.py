@@ -279,7 +279,7 @@ def run_all(config, workdir: str, step: int, grid_dir: str, sampler=None) -> Dic
   metrics.update(caption_results(config, acc))
   timing["caption_metrics"] = round(time.time() - start, 3)
   metrics["tokenizer"] = tokenizer_results(config, acc)
-  grids = write_samples(grid_dir, acc)
+  grids = write_samples(grid_dir, acc) if jax.process_index() == 0 else {}
   seed = int(config.eval.seed)
   seeds = {"eval_seed": seed, **{t: f"fold_in(fold_in(PRNGKey({seed}), {i}), batch)"
                                  for i, t in enumerate(TASKS)}}
