@@ -10,7 +10,8 @@ from magvlt_jax.evaluation import caption_metrics as cm
 pytest.importorskip("pycocoevalcap")
 requires_java = pytest.mark.skipif(
     shutil.which("java") is None,
-    reason="Java not installed: PTB tokenizer and METEOR need it (apt-get install openjdk-17-jre-headless)")
+    reason="Java not installed: PTB tokenizer and METEOR need it "
+           "(apt-get install openjdk-17-jre-headless)")
 
 REFS = [
     ["A cat sits on the mat.", "The cat is lying on a red mat", "a small cat on a mat"],

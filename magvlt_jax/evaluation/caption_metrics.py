@@ -23,8 +23,8 @@ import sys
 import tempfile
 from typing import Dict, Mapping, Optional, Sequence
 
-JAVA_HINT = ("Java is needed for PTB tokenisation, METEOR and SPICE (pycocoevalcap). Install a JRE, "
-             "e.g. `apt-get install openjdk-17-jre-headless`, and make sure `java` is on PATH.")
+JAVA_HINT = ("Java is needed for PTB tokenisation, METEOR and SPICE (pycocoevalcap). Install a "
+             "JRE, e.g. `apt-get install openjdk-17-jre-headless`, and put `java` on PATH.")
 CORENLP_JAR = "stanford-corenlp-3.6.0.jar"
 CORENLP_MODELS_JAR = "stanford-corenlp-3.6.0-models.jar"
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
@@ -182,8 +182,9 @@ class CaptionScorer:
       spice_mod = _import_from(self._tmp, spice_pkg + ".spice")
       self._spice = spice_mod.Spice()
     else:
-      self.skipped["spice"] = ("needs Stanford CoreNLP 3.6.0 jars: set config.eval.spice_corenlp_jar "
-                               f"to {CORENLP_JAR} (with {CORENLP_MODELS_JAR} beside it)")
+      self.skipped["spice"] = ("needs Stanford CoreNLP 3.6.0 jars: set "
+                               f"config.eval.spice_corenlp_jar to {CORENLP_JAR} "
+                               f"(with {CORENLP_MODELS_JAR} beside it)")
 
   def tokenize(self, references, candidates):
     """PTB-tokenises references and candidates in one JVM call (per-line, so same result)."""

@@ -21,7 +21,8 @@ import numpy as np
 from magvlt_jax.evaluation import image_metrics
 from magvlt_jax.evaluation import report as rep
 
-INCEPTION_SKIP = "set config.eval.inception_weights (pytorch-fid pt_inception-2015-12-05 state dict or .npz)"
+INCEPTION_SKIP = ("set config.eval.inception_weights (pytorch-fid pt_inception-2015-12-05 state "
+                  "dict or .npz)")
 CLIP_SKIP = "set config.eval.clip_weights (user-supplied CLIP checkpoint)"
 BLUR_SKIP = "set config.eval.blur_fid_radius > 0 (L-Verse FID-k on blurred images)"
 NETWORKS = {"inception": ("fid", "is"), "effnet_lite0": ("fd_effnet_lite0", "is_effnet_lite0")}
@@ -60,16 +61,15 @@ def frechet_to_stats(features, mu2, sigma2) -> float:
   eig = np.linalg.eigvalsh((m + m.T) / 2)
   diff = mu1 - np.asarray(mu2, np.float64)
   trace_s1 = float((a * a).sum() / (n - 1))
-  return float(diff @ diff + trace_s1 + np.trace(sigma2) - 2.0 * np.sqrt(np.clip(eig, 0, None)).sum())
+  trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+  return float(diff @ diff + trace_s1 + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def codebook_stats(codes: np.ndarray, codebook_size: int) -> Dict[str, float]:
-  """usage: fraction of the codebook used at least once; perplexity: exp(entropy) of code counts."""
-  counts = np.bincount(np.asarray(codes).reshape(-1), minlength=codebook_size).astype(np.float64)
-  p = counts / max(counts.sum(), 1.0)
-  nz = p[p > 0]
-  return {"codebook_usage": float((counts > 0).mean()),
-          "codebook_perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+  """codebook_usage (fraction used at least once), codebook_perplexity (exp entropy of counts)."""
+  from magvlt_jax.models import vqgan  # pylint: disable=import-outside-toplevel
+  m = vqgan.codebook_metrics(np.asarray(codes, np.int32).reshape(-1), int(codebook_size))
+  return {"codebook_usage": float(m["usage"]), "codebook_perplexity": float(m["perplexity"])}
 
 
 def _finite(value, what: str, n: int):

@@ -17,15 +17,18 @@ import math
 import os
 from typing import Any, Dict, List, Mapping
 
+from magvlt_jax.evaluation import caption_metrics
+
 REPORT_FORMAT = "magvlt_jax.eval_report/1"
-CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice")
+CAPTION_METRICS = caption_metrics.METRIC_NAMES
 IMAGE_METRICS = ("fid", "is", "fd_effnet_lite0", "is_effnet_lite0")
 EXPECTED_METRICS = {
     "t2i": IMAGE_METRICS + ("clip_score", "fid_blur", "fd_effnet_lite0_blur"),
     "i2t": CAPTION_METRICS,
     "inpaint": IMAGE_METRICS,
     "infill": CAPTION_METRICS,
-    "tokenizer": ("psnr", "ssim", "codebook_usage", "codebook_perplexity", "rfid", "rfd_effnet_lite0"),
+    "tokenizer": ("psnr", "ssim", "codebook_usage", "codebook_perplexity", "rfid",
+                  "rfd_effnet_lite0"),
 }
 IGNORED_IN_COMPARE = ("timing_s",)
 
@@ -92,8 +95,8 @@ def load_report(path: str) -> Dict[str, Any]:
   with open(path) as f:
     report = json.load(f)
   if report.get("format") != REPORT_FORMAT:
-    raise ValueError(f"{path}: not a magvlt_jax evaluation report (format={report.get('format')!r}, "
-                     f"expected {REPORT_FORMAT!r})")
+    raise ValueError(f"{path}: not a magvlt_jax evaluation report "
+                     f"(format={report.get('format')!r}, expected {REPORT_FORMAT!r})")
   return report
 
 
@@ -153,7 +156,7 @@ def format_comparison(rows: List[Dict[str, Any]], name_a: str = "A", name_b: str
 
 
 def main(argv=None) -> int:
-  """python -m magvlt_jax.evaluation.report A.json B.json: print their differences (no evaluation)."""
+  """`python -m magvlt_jax.evaluation.report A.json B.json`: print the differences only."""
   import sys  # pylint: disable=import-outside-toplevel
   args = sys.argv[1:] if argv is None else list(argv)
   if len(args) != 2:

@@ -49,7 +49,8 @@ def eval_batches(config, tokenizer, workdir: str):
     valid = np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool)))
     if not valid.any():
       return
-    yield {k: ([v[i] for i in np.flatnonzero(valid)] if isinstance(v, list) else np.asarray(v)[valid])
+    rows = np.flatnonzero(valid)
+    yield {k: ([v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[valid])
            for k, v in batch.items()}
 
 
