@@ -20,7 +20,7 @@ so s = 0 is exactly the unguided sampler. The length head always reads the condi
 All sampling maths is float32 whatever the model's compute dtype.
 """
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax.struct
 import jax

@@ -15,7 +15,6 @@ import os
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -190,7 +189,7 @@ class Sampler:
   # ------------------------------------------------------------------ conversions
   def encode_text(self, prompts):
     """-> (ids int32 [B, n_txt], lengths int32 [B]); over-long prompts are truncated (warning)."""
-    prompts = sampler_tasks._as_list(prompts)
+    prompts = sampler_tasks.as_list(prompts)
     for p in prompts:
       n = len(self.tokenizer.encode_ids(p)) + 1
       if n > self.n_txt:
@@ -203,7 +202,7 @@ class Sampler:
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (
         self.image_size, self.image_size, 3) and images.dtype == np.uint8:
       return images
-    return np.stack([prepare_image(im, self.image_size) for im in sampler_tasks._as_list(images)])
+    return np.stack([prepare_image(im, self.image_size) for im in sampler_tasks.as_list(images)])
 
   def encode_images(self, images) -> np.ndarray:
     """-> int32 VQGAN codes [B, n_img]."""
@@ -230,10 +229,6 @@ class Sampler:
     if n is not None:
       return max(int(n), 1)
     return 1 if self.reranker == "none" else int(self.config.decoding[which])
-
-  def _pick(self, scores, n):
-    return rerank.best_of(scores, n) if n > 1 and self.reranker != "none" else np.zeros(
-        len(scores) // n, int)
 
   text_to_image = sampler_tasks.text_to_image
   inpaint = sampler_tasks.inpaint

@@ -16,7 +16,7 @@ from magvlt_jax import decoding
 from magvlt_jax import text as text_lib
 
 
-def _as_list(x):
+def as_list(x):
   if isinstance(x, (str, Image.Image)) or (isinstance(x, np.ndarray) and x.ndim == 3):
     return [x]
   return list(x)
@@ -66,7 +66,7 @@ def text_to_image(self, prompts, n=None, seed=0, *, key=None, guidance_scale=Non
   """Prompts (str or list) -> list of PIL images, the best of n candidates each (n default:
   config.decoding.num_image_candidates; 1 when rerank is 'none'). return_all: per prompt a list
   of all n images, best first."""
-  prompts = _as_list(prompts)
+  prompts = as_list(prompts)
   n = self._num(n, "num_image_candidates")
   ids, lengths = self.encode_text(prompts)
   ids, lengths = np.repeat(ids, n, axis=0), np.repeat(lengths, n, axis=0)
@@ -95,7 +95,7 @@ def inpaint(self, images, prompts, region=None, seed=0, *, key=None, n=None, gui
   Also accepts the (images, region, prompts) argument order."""
   if not isinstance(prompts, str) and np.asarray(prompts).dtype == bool:
     prompts, region = region, prompts
-  prompts = _as_list(prompts)
+  prompts = as_list(prompts)
   codes = self.encode_images(images)
   if len(prompts) == 1 and len(codes) > 1:
     prompts = prompts * len(codes)
@@ -185,7 +185,7 @@ def infill(self, images, captions, span=None, seed=0, *, key=None, n=None, guida
   """Regenerates a span of each caption given its image and the rest of the caption; see the
   module docstring for the span syntax. Returns the completed captions."""
   images = self.prepare_images(images)
-  captions = _as_list(captions)
+  captions = as_list(captions)
   if len(captions) != len(images):
     raise ValueError(f"infill: {len(images)} images but {len(captions)} captions")
   rows = [_encode_with_span(self, text_lib.clean_caption(c) if "[" not in c else c, span)

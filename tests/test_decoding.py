@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from magvlt_jax import configs_util, decoding, decoding_image, masking, sequence
+from magvlt_jax import configs_util, decoding, decoding_text, masking, sequence
 from magvlt_jax.models import transformer
 
 EOS = 1
@@ -128,6 +128,19 @@ def test_i2t_remasks_only_first_n_slots():
   ids = np.asarray(out.text_ids)
   assert (ids[:, n:] == EOS).all() and (ids[:, :n] >= 0).all()
   assert np.isfinite(np.asarray(out.text_score)).all()
+
+
+def test_text_remask_orders_pick_exact_counts():
+  logp = jnp.asarray([[-0.1, -3.0, -0.2, -2.0, -0.5, 0.0]])
+  valid = jnp.asarray([[True, True, True, True, True, False]])
+  key = jax.random.PRNGKey(0)
+  pick = lambda order, step: np.asarray(decoding_text.remask(key, logp, valid, step, 4, order))[0]
+  # step 1 of 4 over 5 valid slots: max(1, int(5 * 3 / 4)) = 3 re-masked, never the invalid slot
+  for order in ("maskgit", "mask_predict", "random", "raster"):
+    assert pick(order, 1).sum() == 3 and not pick(order, 1)[5]
+  assert pick("mask_predict", 1).tolist() == [False, True, False, True, True, False]  # lowest logp
+  assert pick("raster", 1).tolist() == [False, False, True, True, True, False]  # left to right
+  assert pick("maskgit", 3).sum() == 1
 
 
 def test_infill_keeps_tokens_outside_span():
