@@ -169,18 +169,24 @@ def test_uncond_generates_both_and_tracks_length():
 
 def test_each_loop_traces_once_per_shape():
   fake = FakeModel(8, 16)
-  spec_i = _spec(8, 16, "t2i")
-  spec_t = _spec(8, 16, "i2t")
-  t2i = jax.jit(lambda k, t, l: decoding.text_to_image(fake, spec_i, k, t, l).image_codes)
-  i2t = jax.jit(lambda k, c: decoding.image_to_text(fake, spec_t, k, c).text_ids)
   text, length = _text(2, 8)
-  t2i(jax.random.PRNGKey(0), text, length)
-  i2t(jax.random.PRNGKey(0), jnp.zeros((2, 16), jnp.int32))
+  region = jnp.asarray(decoding.centre_region(16))
+  runs = {
+      "t2i": lambda k, c: decoding.text_to_image(fake, _spec(8, 16, "t2i"), k, text, length),
+      "inpaint": lambda k, c: decoding.inpaint(fake, _spec(8, 16, "inpaint"), k, c, region, text,
+                                               length),
+      "i2t": lambda k, c: decoding.image_to_text(fake, _spec(8, 16, "i2t"), k, c),
+      "infill": lambda k, c: decoding.infill(fake, _spec(8, 16, "infill"), k, c, text, length),
+      "uncond": lambda k, c: decoding.generate(fake, _spec(8, 16, "uncond"), k, 2),
+  }
+  jitted = {name: jax.jit(lambda k, c, f=f: f(k, c).image_codes) for name, f in runs.items()}
+  for name, f in jitted.items():
+    f(jax.random.PRNGKey(0), jnp.zeros((2, 16), jnp.int32))
   traces = fake.traces
-  assert traces == 3  # T2I body + I2T length probe + I2T body: the loop body is traced once
-  t2i(jax.random.PRNGKey(1), text + 1, length - 1)
-  i2t(jax.random.PRNGKey(1), jnp.ones((2, 16), jnp.int32))
-  assert fake.traces == traces
+  assert traces == 6  # one loop body per task + the I2T length probe
+  for name, f in jitted.items():
+    f(jax.random.PRNGKey(1), jnp.ones((2, 16), jnp.int32))
+  assert fake.traces == traces, "a second call with the same shapes retraced"
 
 
 def test_float32_sampling_from_bf16_logits():
