@@ -196,3 +196,23 @@ def test_evaluate_writes_complete_report(tiny_workdir, capsys):
   assert rep.compare_reports(report, again) == []
   out = capsys.readouterr().out
   assert "metrics/tokenizer/psnr" in out and "(-1)" in out
+
+
+def test_bad_eval_settings_name_the_key(tmp_path):
+  from magvlt_jax.configs_util import load_config
+  from magvlt_jax.evaluation import evaluate
+  c = load_config("configs/magvlt.py:tiny")
+  c.eval.num_i2t = -1
+  with pytest.raises(ValueError, match="config.eval.num_i2t=-1"):
+    evaluate.validate_eval(c)
+  c.eval.num_i2t = 4
+  c.eval.inception_weights = str(tmp_path / "missing.pth")
+  with pytest.raises(FileNotFoundError, match="config.eval.inception_weights"):
+    evaluate.validate_eval(c)
+  with pytest.raises(FileNotFoundError, match="no checkpoints under"):
+    evaluate.resolve_step(str(tmp_path), -1)
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "12").mkdir()
+  assert evaluate.resolve_step(str(tmp_path), -1) == 12
+  with pytest.raises(FileNotFoundError, match=r"checkpoint_step=7.*\[5, 12\]"):
+    evaluate.resolve_step(str(tmp_path), 7)

@@ -50,6 +50,26 @@ def merge_config(cli_config: ml_collections.ConfigDict, workdir: str) -> ml_coll
   return merged
 
 
+def validate_eval(config):
+  """Errors naming the config.eval key and the fix (before any model is loaded)."""
+  e = config.eval
+  for key in ("num_t2i", "num_i2t", "num_inpaint", "num_infill", "num_recon"):
+    if int(e.get(key, 0)) < 0:
+      raise ValueError(f"config.eval.{key}={e[key]} must be >= 0 (0 skips that task)")
+  for key in ("batch_size", "num_grid"):
+    if int(e.get(key, 1)) < 1:
+      raise ValueError(f"config.eval.{key}={e[key]} must be >= 1")
+  if float(e.blur_fid_radius) < 0:
+    raise ValueError(f"config.eval.blur_fid_radius={e.blur_fid_radius} must be >= 0 (0: off)")
+  if not 0.0 < float(e.text_temperature):
+    raise ValueError(f"config.eval.text_temperature={e.text_temperature} must be > 0 (SPEC: 0.5)")
+  for key in ("inception_weights", "clip_weights", "spice_corenlp_jar", "compare"):
+    path = str(e.get(key, ""))
+    if path and not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(f"config.eval.{key}={path!r} does not exist")
+  return config
+
+
 def available_steps(workdir: str):
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -107,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, sampler=None) -> Dict[s
   """
   from magvlt_jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
   compare_path = config.eval.compare
-  config = merge_config(config, workdir)
+  config = validate_eval(merge_config(config, workdir))
   step = resolve_step(workdir, config.eval.checkpoint_step)
   out_dir = output_dir(config, workdir)
   grid_dir = os.path.join(out_dir, f"step_{step}")
