@@ -9,7 +9,8 @@ Outputs in config.sample.output_dir (default WORKDIR/samples/final):
   i2t/NNNNNN.png + i2t.jsonl   {"image", "caption"}      the (resized) input and its caption
   t2i_grid.png, i2t_grid.png   viewing grids with the text under each image
   captions.txt                 "file<TAB>caption" per input image
-Paths in the manifests are relative to the manifest's directory.
+Paths in the manifests are relative to the manifest's directory. The model comes from
+WORKDIR/config.json; decoding.*, sample.* and mesh.* come from the command line.
 """
 import json
 import logging
@@ -135,9 +136,30 @@ def default_inputs(config, sampler, num=8, seed=0):
   return [c for _, c in pairs], [np.asarray(im) for im, _ in pairs]
 
 
+COMMAND_LINE_SECTIONS = ("decoding", "sample", "mesh")
+
+
+def merge_config(cli_config, workdir):
+  """The trained config (WORKDIR/config.json) with decoding/sample/mesh (and the seed) from the
+  command line, so --config.decoding.x / --config.sample.x overrides apply to the trained model."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from magvlt_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    logging.warning("sample: no %s/config.json; using the command-line config as is", workdir)
+    return cli_config
+  merged = checkpoints.load_config(workdir)
+  with merged.unlocked():
+    for section in COMMAND_LINE_SECTIONS:
+      if section in cli_config:
+        merged[section] = ml_collections.ConfigDict(cli_config[section].to_dict())
+    merged.seed = cli_config.get("seed", merged.get("seed", 0))
+  return merged
+
+
 def run(config, workdir):
   """The --mode=sample job; returns the output directory."""
   from magvlt_jax import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
+  config = merge_config(config, workdir)
   s = config.sample
   out_dir = s.output_dir or os.path.join(workdir, "samples", "final")
   sampler = sampler_lib.Sampler.from_checkpoint(workdir, config=config)
