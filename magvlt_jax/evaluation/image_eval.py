@@ -72,6 +72,12 @@ def codebook_stats(codes: np.ndarray, codebook_size: int) -> Dict[str, float]:
   return {"codebook_usage": float(m["usage"]), "codebook_perplexity": float(m["perplexity"])}
 
 
+def is_splits(n: int) -> int:
+  """The standard 10 splits from 1000 images on; one split below (10 splits of a few images each
+  would pin the score near 1: IS of a single image is exactly 1)."""
+  return 10 if n >= 1000 else 1
+
+
 def _finite(value, what: str, n: int):
   value = float(value)
   if not np.isfinite(value):
@@ -160,7 +166,8 @@ class FeatureBank:
     if net not in self.networks:
       return rep.skipped(self.unavailable.get(net, f"{net} not available"))
     logits = self._stack(net, gen, 0.0, "logits")
-    return _finite(image_metrics.inception_score(logits)[0], f"{net} IS", len(logits))
+    value = image_metrics.inception_score(logits, splits=is_splits(len(logits)))[0]
+    return _finite(value, f"{net} IS", len(logits))
 
   def pair_metrics(self, gen: str, n_real: int) -> Dict[str, object]:
     """fid / is (Inception) and fd_effnet_lite0 / is_effnet_lite0 (the offline proxy)."""
