@@ -145,7 +145,7 @@ class FeatureBank:
       with np.load(path) as z:
         return z["mu"], z["sigma"]
     mu, sigma = image_metrics.feature_statistics(self._stack(net, f"real_{n}", radius, "features"))
-    if path is not None:  # same file layout as image_metrics.reference_statistics
+    if path is not None and jax.process_index() == 0:  # image_metrics.reference_statistics layout
       os.makedirs(os.path.dirname(path), exist_ok=True)
       feats = self._stack(net, f"real_{n}", radius, "features")
       np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, num_images=np.array(len(feats)))
