@@ -16,7 +16,14 @@ Classifier-free guidance (spec.guidance 'text' for T2I / inpainting, 'image' for
 the unconditional pass replaces every context slot of that modality by its MASK token (same
 layout and text length) and runs batched with the conditional pass; the guided logits are
     logits = cond + s * (cond - uncond) = (1 + s) * cond - s * uncond,
-so s = 0 is exactly the unguided sampler. The length head always reads the conditional pass.
+so s = 0 is exactly the unguided sampler (Sampler skips the unconditional pass when s == 0).
+The length head always reads the conditional pass.
+
+config.decoding.order picks the reveal order of both modalities (decoding_image.py,
+decoding_text.py). Choices of ours where the official code is silent or batch-1 only: every
+example counts its own schedule (official reads example 0); inpainting/infilling counts are
+relative to the region; infilling keeps the given caption length and never samples EOS inside
+the span; unconditional generation re-predicts the caption length after every step but the last.
 All sampling maths is float32 whatever the model's compute dtype.
 """
 import dataclasses
