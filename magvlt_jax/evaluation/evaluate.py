@@ -7,8 +7,9 @@
 
 Config merge rule (`merge_config`): the run's own WORKDIR/config.json decides everything that
 shapes the params or the data the model was trained with (model, vqgan, sequence, text, data, ...);
-the command-line config decides the sections that only steer evaluation: `eval.*`, `decoding.*`
-and `mesh.*` (their file defaults plus any --config.eval.x / --config.decoding.x overrides).
+the command-line config decides the sections that only steer evaluation: `eval.*`, `decoding.*`,
+`sample.*` and `mesh.*` (their file defaults plus any --config.eval.x / --config.decoding.x
+overrides), as for --mode=sample.
 The data to evaluate on is the trained data's validation split unless eval.data_name /
 eval.data_path / eval.split say otherwise (e.g. zero-shot COCO for a CC3M-trained model).
 
@@ -25,7 +26,7 @@ import ml_collections
 
 from magvlt_jax.evaluation import report as rep
 
-COMMAND_LINE_SECTIONS = ("eval", "decoding", "mesh")
+COMMAND_LINE_SECTIONS = ("eval", "decoding", "sample", "mesh")  # as the sample job
 
 
 def merge_config(cli_config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -108,6 +109,8 @@ def settings(config) -> Dict[str, Any]:
   return {
       "variant": config.get("variant", ""),
       "decoding": rep._plain(config.decoding),  # pylint: disable=protected-access
+      # The sampler's chunk size (max of this and the candidate counts) decides the PRNG split.
+      "sample_batch_size": int(config.sample.batch_size),
       "eval": {k: v for k, v in rep._plain(config.eval).items()  # pylint: disable=protected-access
                if k not in NOT_HASHED},
       "data": {"name": d.name, "path": d.path, "split": d.eval_split,
