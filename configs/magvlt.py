@@ -112,6 +112,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.use_unroll = True
   c.train.use_mixsel = True
   c.train.mixsel_weight = 0.5
+  # UnrollMask and MixSel passes use every k-th example of the batch (1: all; CPU tiny: fewer
+  # FLOPs per step, more steps in the time budget).
+  c.train.aux_batch_stride = 1
   c.train.log_every = 50 if tiny else 100
   c.train.sample_every = 1000 if tiny else 5000
   c.train.checkpoint_every = 500 if tiny else 2000

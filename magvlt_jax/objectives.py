@@ -27,7 +27,9 @@ MixSel (weight config.train.mixsel_weight = 0.5): example b is paired with partn
   IT2IT  mixed image + joined captions; masks are drawn only inside the selected half of the
          code grid (floor rounding, official) and the selected caption's span (ceil); the targets
          are the mixed sequence's own codes/tokens there (official `hnh_loc_img`/`hnh_loc_txt`).
-The MixSel pass shares the task pass's forward (concatenated along the batch).
+The MixSel pass shares the task pass's forward (concatenated along the batch). Both auxiliary
+passes use every config.train.aux_batch_stride-th example (1 = the whole batch; CPU-sized runs
+use 2 to trade auxiliary signal for steps).
 Total = L_task + L_unroll + 0.5 L_mixsel + 0.01 L_len.
 """
 from typing import Any, Callable, Dict, Optional
@@ -144,6 +146,9 @@ class Objective:
     self.length_weight = float(t.length_loss_weight)
     self.use_unroll, self.use_mixsel = bool(t.use_unroll), bool(t.use_mixsel)
     self.mixsel_weight = float(t.mixsel_weight)
+    self.aux_stride = int(t.get("aux_batch_stride", 1))
+    if self.aux_stride < 1:
+      raise ValueError(f"config.train.aux_batch_stride must be >= 1, got {self.aux_stride}")
     self.image_schedule, self.text_schedule = str(t.image_mask_schedule), str(t.text_mask_schedule)
     for name, s in (("image_mask_schedule", self.image_schedule), ("text_mask_schedule", self.text_schedule)):
       if s not in masking.SCHEDULES:
@@ -159,6 +164,13 @@ class Objective:
   def _input(self, layout, codes, text, img_mask=None, txt_mask=None, bog=None):
     return seq.build_input(layout, codes, text, image_masked=img_mask, text_masked=txt_mask,
                            bog_token=bog, image_vocab_size=self.image_vocab)
+
+  def _aux(self, tree):
+    """The examples the UnrollMask and MixSel passes use: every aux_batch_stride-th (a stride,
+    not a prefix, so a batch sharded over devices stays balanced)."""
+    if self.aux_stride == 1:
+      return tree
+    return jax.tree.map(lambda x: x[::self.aux_stride], tree)
 
   def _unroll(self, key, logits, targets, prev_mask, u, schedule):
     """Fill prev_mask slots with samples from the (stop-gradient) first pass; re-mask a subset."""
@@ -211,14 +223,15 @@ class Objective:
     mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.image_schedule), jnp.ones(codes.shape, bool))
     inputs, attn = self._input(lay, codes, text, img_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
-      mix_in, mix_attn, mtarget, mmask = self.t2i_mixsel(codes, text, tlen, k_mix)
+      mix_in, mix_attn, mtarget, mmask = self.t2i_mixsel(*self._aux((codes, text, tlen)), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
     logits = self._forward(params, inputs, attn, lay, ("image",), k_d1)["image"]
     main = masked_loss(logits[:b], codes, mask, self.smoothing)
     mixsel = masked_loss(logits[b:], mtarget, mmask, self.smoothing)["loss"] if self.use_mixsel else 0.0
     unroll = 0.0
     if self.use_unroll:
-      filled, mask2 = self._unroll(k_unroll, logits[:b], codes, mask, u, self.image_schedule)
+      logits, codes, mask, u, text, tlen = self._aux((logits[:b], codes, mask, u, text, tlen))
+      filled, mask2 = self._unroll(k_unroll, logits, codes, mask, u, self.image_schedule)
       inputs2 = self._input(lay, filled, text, img_mask=mask2)
       logits2 = self._forward(params, inputs2, seq.attention_mask(lay, tlen), lay, ("image",), k_d2)
       unroll = masked_loss(logits2["image"], codes, mask2, self.smoothing)["loss"]
@@ -260,7 +273,7 @@ class Objective:
     mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.text_schedule), valid)
     inputs, attn = self._input(lay, codes, text, txt_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
-      mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(vq_params, batch, k_mix)
+      mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(vq_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
     out = self._forward(params, inputs, attn, lay, ("text", "length"), k_d1)
     main = masked_loss(out["text"][:b], text, mask, self.smoothing)
@@ -268,7 +281,8 @@ class Objective:
     length = self._length_loss(out["length"][:b], tlen)
     unroll = 0.0
     if self.use_unroll:
-      filled, mask2 = self._unroll(k_unroll, out["text"][:b], text, mask, u, self.text_schedule)
+      logits, codes, mask, u, text, tlen = self._aux((out["text"][:b], codes, mask, u, text, tlen))
+      filled, mask2 = self._unroll(k_unroll, logits, text, mask, u, self.text_schedule)
       inputs2 = self._input(lay, codes, filled, txt_mask=mask2)
       out2 = self._forward(params, inputs2, seq.attention_mask(lay, tlen), lay, ("text",), k_d2)
       unroll = masked_loss(out2["text"], text, mask2, self.smoothing)["loss"]
@@ -306,7 +320,7 @@ class Objective:
     inputs = self._input(lay, codes, text, img_mask=img_mask, txt_mask=txt_mask)
     attn = seq.attention_mask(lay, tlen)
     if self.use_mixsel:
-      mix_in, mix_attn, (mcodes, mtext), (mimg, mtxt) = self.it2it_mixsel(vq_params, batch, k_mix)
+      mix_in, mix_attn, (mcodes, mtext), (mimg, mtxt) = self.it2it_mixsel(vq_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
     out = self._forward(params, inputs, attn, lay, ("image", "text", "length"), k_d)
     image = masked_loss(out["image"][:b], codes, img_mask, self.smoothing)

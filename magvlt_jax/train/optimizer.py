@@ -7,7 +7,6 @@ an embedding).
 """
 import flax
 import flax.linen
-import jax
 import optax
 
 _DECAY_NAMES = ("kernel", "wq", "wk", "wv", "wo")
@@ -36,7 +35,3 @@ def make_optimizer(config) -> optax.GradientTransformation:
       optax.clip_by_global_norm(float(o.grad_clip_norm)),
       optax.adamw(learning_rate_schedule(config), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
                   weight_decay=float(o.weight_decay), mask=decay_mask))
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)

@@ -102,7 +102,7 @@ def train_step(state, batch, vq_params, rng, metrics, *, objective: objectives.O
   batch = {k: batch[k] for k in BATCH_KEYS}
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, vq_params, batch, rng)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zeroed grads keep NaNs out of the (discarded) update maths.
   grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
