@@ -137,11 +137,13 @@ def codebook_metrics(codes, codebook_size) -> Dict[str, jax.Array]:
 
 
 def init_vq_stats(codebook) -> Dict[str, jax.Array]:
-  """EMA statistics: cluster_size [K] (EMA of assignments per step) and embed_sum [K,D].
+  """Quantizer statistics: cluster_size [K] and embed_sum [K,D] (EMA codebook updates), usage [K]
+  (a faster EMA of assignments per step, for dead-code restart).
 
   Starting at cluster_size=1, embed_sum=codebook keeps codebook == embed_sum / cluster_size."""
   embed_sum = jnp.array(codebook, jnp.float32, copy=True)  # own buffer: the state is donated to the step
-  return dict(cluster_size=jnp.ones(embed_sum.shape[:1], jnp.float32), embed_sum=embed_sum)
+  ones = jnp.ones(embed_sum.shape[:1], jnp.float32)
+  return dict(cluster_size=ones, embed_sum=embed_sum, usage=ones + 0.0)
 
 
 def ema_update(stats, z_flat, codes, decay, eps=1e-5) -> Tuple[Dict[str, jax.Array], jax.Array]:
@@ -162,29 +164,36 @@ def ema_update(stats, z_flat, codes, decay, eps=1e-5) -> Tuple[Dict[str, jax.Arr
 
 
 def track_usage(stats, codes, decay) -> Dict[str, jax.Array]:
-  """Without EMA codebook updates we still keep the EMA of assignment counts for dead-code restart."""
-  k = stats["cluster_size"].shape[0]
+  """usage <- decay * usage + (1 - decay) * assignments of each code in this step."""
+  k = stats["usage"].shape[0]
   counts = jnp.bincount(codes.reshape(-1), length=k).astype(jnp.float32)
-  return dict(stats, cluster_size=decay * stats["cluster_size"] + (1 - decay) * counts)
+  return dict(stats, usage=decay * stats["usage"] + (1 - decay) * counts)
 
 
-def restart_dead_codes(key, stats, codebook, z_flat, threshold):
-  """Codes whose EMA usage is below `threshold` get a random encoder output of this batch.
+def restart_dead_codes(key, stats, codebook, z_flat, codes, threshold):
+  """Codes whose `usage` (see track_usage) is below `threshold` are replaced by encoder outputs of this batch.
 
-  Their usage is reset to max(N/K, 2*threshold) (N vectors, K codes) so a restarted code has a grace
-  period before it can be restarted again; embed_sum is reset consistently for EMA mode.
-  Returns (stats, codebook, num_restarted).
+  Replacement vectors are drawn without replacement with probability proportional to their
+  quantization error ||z - e_code||^2 (k-means++ style): uniform draws would mostly pick copies of
+  the most common content (e.g. flat background), which then stay unused. A restarted code's usage is
+  reset to max(N/K, 2*threshold) (N vectors, K codes) so it has a grace period before it can be
+  restarted again; embed_sum is reset consistently for EMA mode. Returns (stats, codebook, num_restarted).
   """
   z_flat = z_flat.reshape(-1, z_flat.shape[-1]).astype(jnp.float32)
   n, k = z_flat.shape[0], codebook.shape[0]
-  idx = (jax.random.permutation(key, n)[:k] if n >= k else jax.random.randint(key, (k,), 0, n))
-  dead = stats["cluster_size"] < threshold
+  err = jnp.sum((z_flat - jnp.take(codebook.astype(jnp.float32), codes.reshape(-1), axis=0)) ** 2, -1)
+  logits = jnp.log(err + 1e-6 * jnp.mean(err) + 1e-12)
+  if n >= k:  # Gumbel top-k = sampling k distinct vectors proportionally to err
+    idx = jax.lax.top_k(logits + jax.random.gumbel(key, (n,)), k)[1]
+  else:
+    idx = jax.random.categorical(key, logits, shape=(k,))
+  dead = stats["usage"] < threshold
   fresh = jnp.maximum(n / k, 2.0 * threshold)
   new_codebook = jnp.where(dead[:, None], z_flat[idx], codebook.astype(jnp.float32))
-  cluster = jnp.where(dead, fresh, stats["cluster_size"])
-  embed_sum = jnp.where(dead[:, None], z_flat[idx] * fresh, stats["embed_sum"])
-  return (dict(cluster_size=cluster, embed_sum=embed_sum), new_codebook.astype(codebook.dtype),
-          jnp.sum(dead))
+  stats = dict(usage=jnp.where(dead, fresh, stats["usage"]),
+               cluster_size=jnp.where(dead, fresh, stats["cluster_size"]),
+               embed_sum=jnp.where(dead[:, None], z_flat[idx] * fresh, stats["embed_sum"]))
+  return stats, new_codebook.astype(codebook.dtype), jnp.sum(dead)
 
 
 # ----------------------------------------------------------------------------- pure API
@@ -219,22 +228,31 @@ def decode(params, codes, vq_config):
 
 def init_params(vq_config, rng, boxed=False):
   """Randomly initialised params (nested dict; `boxed` keeps nn.LogicallyPartitioned leaves)."""
-  s = vq_config.image_size
-  variables = VQGAN(vq_config).init(rng, jnp.zeros((1, s, s, 3), jnp.float32))
-  params = variables["params"]
+  params = _init_fn(_config_key(vq_config))(rng)
   return params if boxed else nn.meta.unbox(params)
+
+
+def _config_key(vq_config) -> str:
+  return json.dumps(vq_config.to_dict(), sort_keys=True, default=list)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(config_json):
+  """Jitted boxed init per config (eager init would dispatch hundreds of small ops)."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict(json.loads(config_json))
+  s = cfg.image_size
+  return jax.jit(lambda key: VQGAN(cfg).init(key, jnp.zeros((1, s, s, 3), jnp.float32))["params"])
 
 
 def abstract_params(vq_config):
   """ShapeDtypeStructs of the params (no compute): used for shape checks and the f16 layout tests."""
-  return _abstract_params(json.dumps(vq_config.to_dict(), sort_keys=True, default=list))
+  return _abstract_params(_config_key(vq_config))
 
 
 @functools.lru_cache(maxsize=8)
 def _abstract_params(config_json):
-  import ml_collections
-  cfg = ml_collections.ConfigDict(json.loads(config_json))
-  return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  return nn.meta.unbox(jax.eval_shape(_init_fn(config_json), jax.random.PRNGKey(0)))
 
 
 def flatten_params(params) -> Dict[str, np.ndarray]:
