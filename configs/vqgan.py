@@ -51,6 +51,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.quantizer.ema_decay = 0.99
   c.quantizer.dead_code_restart = variant == "tiny"
   c.quantizer.dead_code_threshold = 1.0  # EMA usage count below which a code is restarted
+  c.quantizer.usage_decay = 0.9  # EMA decay of the per-step usage counts that dead-code restart reads
 
   c.discriminator = ml_collections.ConfigDict()
   c.discriminator.base_channels = 64 if variant != "tiny" else 32
