@@ -103,9 +103,10 @@ def test_sharded_step_matches_single_device(worker_result, strategy):
   assert got["step"] == 1
   assert got["init_params_diff"] == 0.0  # sharded init == single-device init
   assert abs(got["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])
-  # The update moves params by ~lr; the sharded one agrees up to float reduction order.
+  # The update moves params by ~lr; the sharded one agrees up to float reduction order (a wrong
+  # gradient shows up as a flipped Adam step, 2 lr; Shardy's fsdp_tensor bug did exactly that).
   assert r["ref_update"] > 0.5 * r["lr"]
-  assert got["params_diff"][0] < 1e-3 * r["lr"], got["params_diff"]
+  assert got["params_diff"][0] < 1e-2 * r["lr"], got["params_diff"]
   assert got["opt_diff"] < 1e-6
 
 

@@ -16,6 +16,7 @@ attention + logits, maxtext-style; the VQ-GAN encode inside the step is not in i
 import dataclasses
 import functools
 import math
+import os
 import time
 
 import jax
@@ -85,6 +86,8 @@ def topology_devices(name: str):
   """Compile-only devices (one per chip) of a TPU topology, described by libtpu."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   topo, chip_config, _, _ = resolve_topology(name)
+  # Compile-only use: do not fail on libtpu's single-process lock held by another jax process.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   return topologies.get_topology_desc(platform="tpu", topology_name=topo,
                                       chip_config_name=chip_config).devices
 
@@ -255,9 +258,9 @@ def format_result(r: Result) -> str:
   lines = [
       f"== {r.name} on {r.topology} ({r.strategy}, mesh data x fsdp x tensor = {r.mesh}), "
       f"per-chip batch {r.per_chip_batch}, global batch {r.global_batch}",
-      f"per-chip memory: {r.memory_gib:.2f} GiB (of {r.hbm_gib:.0f} GiB HBM; arguments "
-      f"{d['argument']:.2f} + outputs {d['output']:.2f} + temps {d['temp']:.2f} - aliased "
-      f"{d['alias']:.2f}; generated code {d['generated_code']:.3f})",
+      f"per-chip memory: {r.memory_gib:.3f} GiB (of {r.hbm_gib:.0f} GiB HBM; arguments "
+      f"{d['argument']:.3f} + outputs {d['output']:.3f} + temps {d['temp']:.3f} - aliased "
+      f"{d['alias']:.3f}; generated code {d['generated_code']:.3f})",
       f"FLOPs per chip (XLA cost analysis): {r.xla_flops_per_chip:.4g}",
   ]
   if not math.isnan(r.analytic_flops_per_chip):
