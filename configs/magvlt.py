@@ -84,7 +84,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.image_size = c.vqgan.get_ref("image_size")
-  c.data.global_batch_size = 32 if tiny else 4096
+  c.data.global_batch_size = 16 if tiny else 4096
   c.data.eval_batch_size = 32 if tiny else 256
   c.data.num_workers = 0
   c.data.shuffle_seed = 0
@@ -103,7 +103,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- training objective and loop
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 3000 if tiny else 40_000
+  c.train.num_steps = 1000 if tiny else 40_000
   c.train.task_weights = (8.0, 1.0, 1.0)  # T2I : I2T : IT2IT
   c.train.image_mask_schedule = "cosine"  # cosine | linear | uniform
   c.train.text_mask_schedule = "linear"
@@ -114,10 +114,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.mixsel_weight = 0.5
   # UnrollMask and MixSel passes use every k-th example of the batch (1: all; CPU tiny: fewer
   # FLOPs per step, more steps in the time budget).
-  c.train.aux_batch_stride = 1
+  c.train.aux_batch_stride = 2 if tiny else 1
   c.train.log_every = 50 if tiny else 100
-  c.train.sample_every = 1000 if tiny else 5000
-  c.train.checkpoint_every = 500 if tiny else 2000
+  c.train.sample_every = 500 if tiny else 5000
+  c.train.checkpoint_every = 250 if tiny else 2000
   c.train.keep_checkpoints = 3
   c.train.max_nonfinite_in_row = 10
   c.train.num_sample_prompts = 8
