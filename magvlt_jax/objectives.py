@@ -172,6 +172,12 @@ class Objective:
       return tree
     return jax.tree.map(lambda x: x[::self.aux_stride], tree)
 
+  def _fresh_mask(self, key, schedule, valid):
+    """(u [B], mask [B, N]): u ~ U(0,1) per example, ceil(ratio * n_valid) valid slots masked."""
+    k_u, k_m = jax.random.split(key)
+    u = jax.random.uniform(k_u, valid.shape[:1], jnp.float32)
+    return u, masking.sample_mask(k_m, masking.mask_ratio(u, schedule), valid)
+
   def _unroll(self, key, logits, targets, prev_mask, u, schedule):
     """Fill prev_mask slots with samples from the (stop-gradient) first pass; re-mask a subset."""
     k_fill, k_ratio, k_mask = jax.random.split(key, 3)
@@ -204,13 +210,12 @@ class Objective:
     image, the context both captions joined by SEP, the selector LEFT (first) / RIGHT (second)."""
     lay = self.layouts[Task.T2I]
     b = codes.shape[0]
-    k_pick, k_u, k_m = jax.random.split(key, 3)
+    k_pick, k_m = jax.random.split(key)
     partner = partner_index(b)
     pick_first = jax.random.bernoulli(k_pick, 0.5, (b,))
     mtext, mlen, _, _ = join_captions(text, tlen, partner, self.sep_id, self.eos_id)
     target = jnp.where(pick_first[:, None], codes, codes[partner])
-    u = jax.random.uniform(k_u, (b,), jnp.float32)
-    mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.image_schedule), jnp.ones(codes.shape, bool))
+    _, mask = self._fresh_mask(k_m, self.image_schedule, jnp.ones(codes.shape, bool))
     inputs = self._input(lay, target, mtext, img_mask=mask, bog=seq.selector_token(pick_first))
     return inputs, seq.attention_mask(lay, mlen), target, mask
 
@@ -218,9 +223,8 @@ class Objective:
     lay = self.layouts[Task.T2I]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
-    k_u, k_m, k_mix, k_unroll, k_d1, k_d2 = jax.random.split(key, 6)
-    u = jax.random.uniform(k_u, (b,), jnp.float32)
-    mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.image_schedule), jnp.ones(codes.shape, bool))
+    k_m, k_mix, k_unroll, k_d1, k_d2 = jax.random.split(key, 5)
+    u, mask = self._fresh_mask(k_m, self.image_schedule, jnp.ones(codes.shape, bool))
     inputs, attn = self._input(lay, codes, text, img_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
       mix_in, mix_attn, mtarget, mmask = self.t2i_mixsel(*self._aux((codes, text, tlen)), k_mix)
@@ -253,13 +257,11 @@ class Objective:
     the selected half's caption, selector LEFT/RIGHT/TOP/BOTTOM."""
     lay = self.layouts[Task.I2T]
     text, tlen = batch["text"], batch["text_length"]
-    k_codes, k_u, k_m = jax.random.split(key, 3)
+    k_codes, k_m = jax.random.split(key)
     mcodes, partner, vertical, pick_first = self._mixed_codes(vq_params, batch, k_codes)
     target = jnp.where(pick_first[:, None], text, text[partner])
     length = jnp.where(pick_first, tlen, tlen[partner])
-    u = jax.random.uniform(k_u, tlen.shape, jnp.float32)
-    mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.text_schedule),
-                               seq.text_valid(length, self.n_txt))
+    _, mask = self._fresh_mask(k_m, self.text_schedule, seq.text_valid(length, self.n_txt))
     inputs = self._input(lay, mcodes, target, txt_mask=mask, bog=seq.selector_token(pick_first, vertical))
     return inputs, seq.attention_mask(lay, length), target, mask
 
@@ -267,10 +269,8 @@ class Objective:
     lay = self.layouts[Task.I2T]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
-    k_u, k_m, k_mix, k_unroll, k_d1, k_d2 = jax.random.split(key, 6)
-    u = jax.random.uniform(k_u, (b,), jnp.float32)
-    valid = seq.text_valid(tlen, self.n_txt)
-    mask = masking.sample_mask(k_m, masking.mask_ratio(u, self.text_schedule), valid)
+    k_m, k_mix, k_unroll, k_d1, k_d2 = jax.random.split(key, 5)
+    u, mask = self._fresh_mask(k_m, self.text_schedule, seq.text_valid(tlen, self.n_txt))
     inputs, attn = self._input(lay, codes, text, txt_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
       mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(vq_params, self._aux(batch), k_mix)
