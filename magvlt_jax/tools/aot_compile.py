@@ -44,15 +44,19 @@ ALIASES = {"v4-32": "v4:2x2x4", "v5e-256": "v5e:16x16", "v5litepod-256": "v5e:16
            "v5p-128": "v5p:4x4x4", "v5p-8": "v5p:2x2x1", "v4-8": "v4:2x2x1"}
 DEFAULT_MESH = {"data": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tensor": (1, -1, 2)}
 
-flags.DEFINE_string("topology", "v5p:4x4x4", "libtpu topology 'gen:AxB[xC]' or a cloud name "
-                    f"({', '.join(ALIASES)})")
-flags.DEFINE_integer("per_chip_batch", 0, "examples per data-parallel shard (0: config's global "
-                     "batch / shards)")
-flags.DEFINE_string("strategy", "", "override config.mesh.strategy (data | fsdp | fsdp_tensor)")
-flags.DEFINE_string("mesh", "", "'data,fsdp,tensor' sizes (-1 fills); default per strategy")
-flags.DEFINE_list("what", ["train", "t2i"], "functions to compile: train, t2i")
-flags.DEFINE_integer("sample_per_chip", 1, "T2I prompts per data-parallel shard")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/magvlt.py:base", "magvlt config")
+
+def define_flags():
+  """Command-line flags, defined only when run as a program so that importing this module
+  (tests, main.py) does not clash with other absl flag definitions."""
+  flags.DEFINE_string("topology", "v5p:4x4x4", "libtpu topology 'gen:AxB[xC]' or a cloud name "
+                      f"({', '.join(ALIASES)})")
+  flags.DEFINE_integer("per_chip_batch", 0, "examples per data-parallel shard (0: config's global "
+                       "batch / shards)")
+  flags.DEFINE_string("strategy", "", "override config.mesh.strategy (data | fsdp | fsdp_tensor)")
+  flags.DEFINE_string("mesh", "", "'data,fsdp,tensor' sizes (-1 fills); default per strategy")
+  flags.DEFINE_list("what", ["train", "t2i"], "functions to compile: train, t2i")
+  flags.DEFINE_integer("sample_per_chip", 1, "T2I prompts per data-parallel shard")
+  return config_flags.DEFINE_config_file("config", "configs/magvlt.py:base", "magvlt config")
 
 
 @dataclasses.dataclass
@@ -275,11 +279,12 @@ def format_result(r: Result) -> str:
 
 def main(argv):
   del argv
-  config = configure_mesh(_CONFIG.value, flags.FLAGS.strategy, flags.FLAGS.mesh)
+  config = configure_mesh(flags.FLAGS.config, flags.FLAGS.strategy, flags.FLAGS.mesh)
   for r in run(config, flags.FLAGS.topology, flags.FLAGS.per_chip_batch, flags.FLAGS.what,
                flags.FLAGS.sample_per_chip):
     print(format_result(r), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
