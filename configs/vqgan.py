@@ -32,7 +32,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.norm_groups = 32
   elif variant == "tiny":
     c.image_size = 64
-    c.base_channels = 32
+    c.base_channels = 16  # sized for ~4 min of 2-core CPU training (see README, tokenizer)
     c.channel_mult = (1, 1, 2, 2)  # factor 8: 64x64 -> 8x8 codes
     c.num_res_blocks = 1
     c.attn_resolutions = ()
@@ -51,6 +51,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.quantizer.ema_decay = 0.99
   c.quantizer.dead_code_restart = variant == "tiny"
   c.quantizer.dead_code_threshold = 1.0  # EMA usage count below which a code is restarted
+  # Cosine-similarity lookup (ViT-VQGAN; unit-norm codes and latents): prevents the codebook collapse
+  # a short CPU run otherwise shows. False = taming (and required for converted taming checkpoints).
+  c.quantizer.l2_normalize = variant == "tiny"
   c.quantizer.usage_decay = 0.9  # EMA decay of the per-step usage counts that dead-code restart reads
 
   c.discriminator = ml_collections.ConfigDict()
@@ -72,12 +75,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.5
   c.optimizer.b2 = 0.9
   c.optimizer.warmup_steps = 0 if variant != "tiny" else 100
+  c.optimizer.schedule = "constant" if variant != "tiny" else "cosine"  # constant | cosine (to 10%)
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 300000 if variant != "tiny" else 1500
-  c.train.batch_size = 64 if variant != "tiny" else 32
+  c.train.num_steps = 300000 if variant != "tiny" else 600
+  c.train.batch_size = 64 if variant != "tiny" else 16
   c.train.log_every = 100 if variant != "tiny" else 50
-  c.train.image_every = 5000 if variant != "tiny" else 500
-  c.train.checkpoint_every = 5000 if variant != "tiny" else 500
+  c.train.image_every = 5000 if variant != "tiny" else 200
+  c.train.checkpoint_every = 5000 if variant != "tiny" else 200
   c.train.keep_checkpoints = 3
   return c

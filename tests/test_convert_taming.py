@@ -92,6 +92,7 @@ def micro_config():
   cfg = load_config("configs/vqgan.py:tiny")
   cfg.update(dict(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
                   z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4))
+  cfg.quantizer.l2_normalize = False  # the taming lookup
   return cfg
 
 
@@ -157,7 +158,7 @@ def test_torch_ckpt_with_magvlt_prefix_and_cli(tmp_path):
   tv.main(["--input", src, "--output", out, "--config", "tiny"])
   loaded = vqgan.load_params(out, cfg_tiny)
   np.testing.assert_array_equal(np.asarray(loaded["decoder"]["conv_out"]["bias"]), tiny_sd["decoder.conv_out.bias"])
-  with pytest.raises(ValueError, match=r"shape of decoder/conv_in/kernel: got \(3, 3, 64, 64\)"):
+  with pytest.raises(ValueError, match=r"shape of decoder/conv_in/kernel: got \(3, 3, 64, \d+\)"):
     vqgan.load_params(out, load_config("configs/vqgan.py:f16_16384"))
 
 

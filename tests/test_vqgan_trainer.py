@@ -71,3 +71,7 @@ def test_train_tokenizer_short_run_beats_blank_and_resumes(tmp_path):
   assert again["train_steps"] == 45
   steps = [r["step"] for r in metric_writer.read_metrics(workdir) if "tokenizer/loss" in r]
   assert steps == [10, 20, 30, 40, 45]
+  # the orbax checkpoint directory holds the same final params as the exported params.npz
+  from_orbax = vqgan.load_params(os.path.join(workdir, "tokenizer", "checkpoints"), cfg.vqgan)
+  exported = vqgan.load_params(workdir, cfg.vqgan)
+  jax.tree.map(np.testing.assert_array_equal, from_orbax, exported)

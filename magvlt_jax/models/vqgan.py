@@ -69,12 +69,18 @@ class VQGAN(nn.Module):
     self.post_quant_conv = L.conv(cfg.z_channels, 1, None, **kw)
     self.quantize = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, kw["param_dtype"])
 
+  def _l2(self):
+    return bool(self.config.get("quantizer", {}).get("l2_normalize", False))
+
   def codebook(self):
-    return self.quantize()
+    """The codebook as used for lookup: unit rows with quantizer.l2_normalize (cosine-similarity
+    lookup, as in ViT-VQGAN: resists codebook collapse), else the raw taming codebook."""
+    return _unit(self.quantize()) if self._l2() else self.quantize()
 
   def encode_latent(self, images, deterministic=True):
     """images [-1,1] [B,H,W,3] -> pre-quantization latents z [B,h,w,embed_dim] (float32)."""
-    return self.quant_conv(self.encoder(images, deterministic)).astype(jnp.float32)
+    z = self.quant_conv(self.encoder(images, deterministic)).astype(jnp.float32)
+    return _unit(z) if self._l2() else z
 
   def decode_latent(self, zq, deterministic=True, return_features=False):
     return self.decoder(self.post_quant_conv(zq.astype(jnp.dtype(self.config.dtype))), deterministic, return_features)
@@ -100,6 +106,11 @@ class VQGAN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- quantizer math (float32)
+
+def _unit(x):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
 
 def nearest_codes(z, codebook):
   """argmin_k ||z - e_k||^2 for z [..., D]; returns int32 [...]."""
@@ -298,11 +309,11 @@ def _find_params(path) -> Tuple[str, Optional[str]]:
   for d in (path, os.path.join(path, "tokenizer")):
     if os.path.isfile(os.path.join(d, PARAMS_FILE)):
       return "npz", os.path.join(d, PARAMS_FILE)
-  for d in (os.path.join(path, "checkpoints"), os.path.join(path, "tokenizer", "checkpoints")):
-    if os.path.isdir(d):
+  for d in (path, os.path.join(path, "checkpoints"), os.path.join(path, "tokenizer", "checkpoints")):
+    if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):  # orbax step directories
       return "orbax", d
   raise FileNotFoundError(f"vqgan.load_params: no tokenizer params at {path} (looked for {PARAMS_FILE}, "
-                          f"tokenizer/{PARAMS_FILE}, checkpoints/, tokenizer/checkpoints/)")
+                          f"tokenizer/{PARAMS_FILE} and orbax steps in ./, checkpoints/, tokenizer/checkpoints/)")
 
 
 def load_params(path, vq_config):

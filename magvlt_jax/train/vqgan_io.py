@@ -148,7 +148,7 @@ def round_trip(params, images, vcfg):
 def _config_key(vcfg):
   # Only what encode/decode depend on, so changing e.g. train.num_steps reuses the compiled function.
   arch = {k: v for k, v in vcfg.to_dict().items()
-          if k not in ("train", "loss", "optimizer", "discriminator", "quantizer", "checkpoint")}
+          if k not in ("train", "loss", "optimizer", "discriminator", "checkpoint")}
   return json.dumps(arch, sort_keys=True, default=list)
 
 

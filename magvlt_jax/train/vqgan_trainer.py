@@ -43,7 +43,16 @@ class VQTrainState:
 
 def make_optimizers(vcfg):
   o = vcfg.optimizer
-  lr = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)) if o.warmup_steps else o.learning_rate
+  schedule = o.get("schedule", "constant")
+  if schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1),
+                                            max(vcfg.train.num_steps, o.warmup_steps + 1), o.learning_rate * 0.1)
+  elif schedule == "constant":
+    lr = (optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+                                optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+          if o.warmup_steps else o.learning_rate)
+  else:
+    raise ValueError(f"config.vqgan.optimizer.schedule={schedule!r}: expected 'constant' or 'cosine'")
   make = lambda: optax.adam(lr, b1=o.b1, b2=o.b2)
   return make(), make()
 
