@@ -75,3 +75,17 @@ def test_train_tokenizer_short_run_beats_blank_and_resumes(tmp_path):
   from_orbax = vqgan.load_params(os.path.join(workdir, "tokenizer", "checkpoints"), cfg.vqgan)
   exported = vqgan.load_params(workdir, cfg.vqgan)
   jax.tree.map(np.testing.assert_array_equal, from_orbax, exported)
+
+
+def test_psnr_ssim_match_scikit_image():
+  metrics = pytest.importorskip("skimage.metrics")
+  rng = np.random.default_rng(0)
+  a = rng.uniform(0, 1, (2, 32, 32, 3))
+  b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
+  ours_ssim = vqgan_io.ssim(jnp.asarray(a * 2 - 1), jnp.asarray(b * 2 - 1))
+  ours_psnr = vqgan_io.psnr(jnp.asarray(a * 2 - 1), jnp.asarray(b * 2 - 1))
+  for i in range(2):
+    ref = metrics.structural_similarity(a[i], b[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                        data_range=1.0, channel_axis=-1)
+    assert float(ours_ssim[i]) == pytest.approx(ref, abs=1e-5)
+    assert float(ours_psnr[i]) == pytest.approx(metrics.peak_signal_noise_ratio(a[i], b[i], data_range=1.0), abs=1e-4)
