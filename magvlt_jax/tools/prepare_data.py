@@ -14,12 +14,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/magvlt.py:tiny",
-                                          lock_config=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where to write the dataset (default: "
-                                "config.data.data_dir, else WORKDIR/data, else ~/tensorflow_datasets).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (dataset in WORKDIR/data).")
-_TEXT = flags.DEFINE_bool("text_tokenizer", False, "Also train WORKDIR/text/spm.model.")
+def define_flags():
+  """Defined only when run as a program, so importing this module (tests, notebooks) does not
+  clash with other modules' absl flags such as main.py's --config."""
+  flags.DEFINE_string("data_dir", None, "Where to write the dataset (default: "
+                      "config.data.data_dir, else WORKDIR/data, else ~/tensorflow_datasets).")
+  flags.DEFINE_string("workdir", None, "Training workdir (dataset in WORKDIR/data).")
+  flags.DEFINE_bool("text_tokenizer", False, "Also train WORKDIR/text/spm.model.")
+  return config_flags.DEFINE_config_file("config", None, "e.g. configs/magvlt.py:tiny",
+                                         lock_config=True)
 
 
 def prepare(config, data_dir=None, workdir=None, text_tokenizer=False) -> dict:
@@ -56,12 +59,14 @@ def prepare(config, data_dir=None, workdir=None, text_tokenizer=False) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  config = flags.FLAGS.config
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/magvlt.py:tiny")
   std_logging.getLogger("absl").setLevel(std_logging.INFO)
   logging.set_verbosity(logging.INFO)
-  prepare(_CONFIG.value, _DATA_DIR.value, _WORKDIR.value, _TEXT.value)
+  prepare(config, flags.FLAGS.data_dir, flags.FLAGS.workdir, flags.FLAGS.text_tokenizer)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
