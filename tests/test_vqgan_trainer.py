@@ -45,6 +45,7 @@ def test_last_layer_gradient_equals_direct_gradient():
   assert float(w) == pytest.approx(0.8 * 2 * np.sqrt(3) / (np.sqrt(3) + 1e-4))
 
 
+@pytest.mark.slow  # two train-step compilations + data preparation: ~1 min on 2 cores
 def test_train_tokenizer_short_run_beats_blank_and_resumes(tmp_path):
   workdir = str(tmp_path)
   result = vqgan_trainer.train_tokenizer(small_config(40), workdir)
