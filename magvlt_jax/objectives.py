@@ -11,7 +11,9 @@ Per task (r = mask ratio, u ~ U(0,1) per example; padding is never masked or sco
 Loss: cross-entropy with label smoothing (config.train.label_smoothing) on masked slots only,
 float32, mean over the masked slots of the batch.
 Length loss (ours): CE(length_logits, length - 1), added on I2T and IT2IT batches only (the
-layouts where BOT is read; T2I batches would need an extra I2T-layout pass). Weight 0.01.
+layouts where BOT is read), weight 0.01, on a separate "probe" pass with the text fully masked and
+every text column visible: exactly the pass decoding predicts the length from. (On the task pass
+the length would leak to BOT through image rows that attend to the partly visible text.)
 UnrollMask (T2I, I2T; ours where the paper is silent): the first pass IS the task pass (its logits
 under stop_gradient, saving a forward); masked slots are filled with codes/tokens sampled from it,
 then a subset of the previously masked slots of size clamp(floor(r' * m), 1, m) is re-masked,
@@ -192,6 +194,17 @@ class Objective:
     correct = (jnp.argmax(length_logits, axis=-1) == target).sum().astype(jnp.float32)
     return ce, correct, jnp.float32(target.shape[0])
 
+  def _length_probe(self, params, codes, text, tlen, key):
+    """Length loss on the pass decoding predicts the length from: text fully masked, every text
+    column visible. Reading BOT on the task pass would leak the answer: BOT cannot see the text,
+    but from the second block on it sees image rows that attended to the partly unmasked,
+    length-masked text."""
+    lay = self.layouts[Task.I2T]
+    full = jnp.full(tlen.shape, self.n_txt, jnp.int32)
+    inputs = self._input(lay, codes, text, txt_mask=jnp.ones(text.shape, bool))
+    out = self._forward(params, inputs, seq.attention_mask(lay, full), lay, ("length",), key)
+    return self._length_loss(out["length"], tlen)
+
   def _result(self, task_loss, unroll=0.0, mixsel=0.0, length=None, image=None, text=None):
     zero = jnp.float32(0.0)
     length = length or (zero, zero, zero)
@@ -269,16 +282,16 @@ class Objective:
     lay = self.layouts[Task.I2T]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
-    k_m, k_mix, k_unroll, k_d1, k_d2 = jax.random.split(key, 5)
+    k_m, k_mix, k_unroll, k_d1, k_d2, k_len = jax.random.split(key, 6)
     u, mask = self._fresh_mask(k_m, self.text_schedule, seq.text_valid(tlen, self.n_txt))
     inputs, attn = self._input(lay, codes, text, txt_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
       mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(vq_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
-    out = self._forward(params, inputs, attn, lay, ("text", "length"), k_d1)
+    out = self._forward(params, inputs, attn, lay, ("text",), k_d1)
     main = masked_loss(out["text"][:b], text, mask, self.smoothing)
     mixsel = masked_loss(out["text"][b:], mtext, mmask, self.smoothing)["loss"] if self.use_mixsel else 0.0
-    length = self._length_loss(out["length"][:b], tlen)
+    length = self._length_probe(params, codes, text, tlen, k_len)
     unroll = 0.0
     if self.use_unroll:
       logits, codes, mask, u, text, tlen = self._aux((out["text"][:b], codes, mask, u, text, tlen))
@@ -314,7 +327,7 @@ class Objective:
     lay = self.layouts[Task.IT2IT]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
-    k_m, k_mix, k_d = jax.random.split(key, 3)
+    k_m, k_mix, k_d, k_len = jax.random.split(key, 4)
     img_mask, txt_mask = self._it2it_masks(k_m, jnp.ones(codes.shape, bool),
                                            seq.text_valid(tlen, self.n_txt))
     inputs = self._input(lay, codes, text, img_mask=img_mask, txt_mask=txt_mask)
@@ -322,14 +335,14 @@ class Objective:
     if self.use_mixsel:
       mix_in, mix_attn, (mcodes, mtext), (mimg, mtxt) = self.it2it_mixsel(vq_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
-    out = self._forward(params, inputs, attn, lay, ("image", "text", "length"), k_d)
+    out = self._forward(params, inputs, attn, lay, ("image", "text"), k_d)
     image = masked_loss(out["image"][:b], codes, img_mask, self.smoothing)
     txt = masked_loss(out["text"][:b], text, txt_mask, self.smoothing)
     mixsel = 0.0
     if self.use_mixsel:
       mixsel = (masked_loss(out["image"][b:], mcodes, mimg, self.smoothing)["loss"]
                 + masked_loss(out["text"][b:], mtext, mtxt, self.smoothing)["loss"])
-    length = self._length_loss(out["length"][:b], tlen)
+    length = self._length_probe(params, codes, text, tlen, k_len)
     return self._result(image["loss"] + txt["loss"], 0.0, mixsel, length=length, image=image, text=txt)
 
   # ---------------------------------------------------------------- entry point
