@@ -257,15 +257,18 @@ def _finish(spec, state, image_region, text_region):
 
 
 # ----------------------------------------------------------------------------- tasks
-def centre_region(n_img: int) -> np.ndarray:
-  """bool [n_img]: the centre square of half the grid side (8x8 of 16x16; 4x4 of 8x8)."""
+def centre_region(n_img: int, size: int = 0) -> np.ndarray:
+  """bool [n_img]: the centre size x size square of the code grid; size 0 = half the grid side
+  (8x8 of 16x16, the paper's inpainting region; 4x4 of 8x8)."""
   side = int(round(np.sqrt(n_img)))
   if side * side != n_img:
     raise ValueError(f"centre_region: {n_img} image tokens do not form a square grid")
-  half = max(side // 2, 1)
-  start = (side - half) // 2
+  size = size or max(side // 2, 1)
+  if not 1 <= size <= side:
+    raise ValueError(f"centre_region: size {size} must be in [1, {side}] for a {side}x{side} grid")
+  start = (side - size) // 2
   grid = np.zeros((side, side), bool)
-  grid[start:start + half, start:start + half] = True
+  grid[start:start + size, start:start + size] = True
   return grid.reshape(-1)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 import jax
 import numpy as np
 
+from magvlt_jax import decoding
 from magvlt_jax.evaluation import image_eval
 from magvlt_jax.evaluation import report as rep
 
@@ -60,14 +61,10 @@ def _take(batch, n: int):
 
 def centre_region(n_img: int, size: int) -> np.ndarray:
   """bool [n_img]: the centre size x size square of the code grid (paper: 8x8 of 16x16)."""
-  side = int(round(np.sqrt(n_img)))
-  if side * side != n_img or not 1 <= size <= side:
-    raise ValueError(f"config.eval.inpaint_size={size}: must be in [1, {side}] for a "
-                     f"{side}x{side} code grid")
-  start = (side - size) // 2
-  grid = np.zeros((side, side), bool)
-  grid[start:start + size, start:start + size] = True
-  return grid.reshape(-1)
+  try:
+    return decoding.centre_region(n_img, size)
+  except ValueError as e:
+    raise ValueError(f"config.eval.inpaint_size={size}: {e}") from e
 
 
 class Accumulator:

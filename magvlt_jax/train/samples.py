@@ -10,14 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from magvlt_jax import decoding
+from magvlt_jax import sampler
 from magvlt_jax.models import vqgan
-
-
-def _logits_fn(model, params):
-  def fn(inputs, attn_mask, *, layout, outputs):
-    return model.apply({"params": params}, inputs, attn_mask, layout=layout, deterministic=True,
-                       outputs=outputs)
-  return fn
 
 
 def _sample_fns(setup):
@@ -32,13 +26,14 @@ def _sample_fns(setup):
 
   @jax.jit
   def t2i(params, vq_params, text, text_length, key):
-    out = decoding.text_to_image(_logits_fn(model, params), t2i_spec, key, text, text_length)
+    logits_fn = sampler.model_logits_fn(model, params)
+    out = decoding.text_to_image(logits_fn, t2i_spec, key, text, text_length)
     return vqgan.to_uint8(vqgan.decode(vq_params, out.image_codes, config.vqgan))
 
   @jax.jit
   def i2t(params, vq_params, images, key):
     codes = encode(vq_params, images)
-    out = decoding.image_to_text(_logits_fn(model, params), i2t_spec, key, codes)
+    out = decoding.image_to_text(sampler.model_logits_fn(model, params), i2t_spec, key, codes)
     recon = vqgan.to_uint8(vqgan.decode(vq_params, codes, config.vqgan))
     return out.text_ids, recon
 
