@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_pickle_writer
 from magvlt_jax.models import clip, clip_tokenizer
 
 MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "a n</w>", "r e", "re d</w>"]
@@ -107,7 +108,7 @@ def test_openai_layout_loads_every_key_and_matches_reference(bpe_path, tmp_path)
   vocab = clip_tokenizer.CLIPTokenizer(bpe_path).vocab_size
   sd = _openai_state_dict(vocab)
   path = str(tmp_path / "clip_tiny.pth")
-  torch_pickle.save_state_dict_zip(path, sd)
+  torch_pickle_writer.save_state_dict_zip(path, sd)
   scorer = clip.CLIPScorer.from_path(path, bpe_path, batch_size=3)
   c = scorer.config
   assert (c.vision_width, c.vision_layers, c.vision_patch_size, c.image_resolution) == (W, LAYERS, PATCH, RES)
@@ -133,7 +134,7 @@ def test_open_clip_checkpoint_and_key_errors(bpe_path, tmp_path):
   vocab = clip_tokenizer.CLIPTokenizer(bpe_path).vocab_size
   sd = _openai_state_dict(vocab)
   path = str(tmp_path / "epoch_1.pt")
-  torch_pickle.save_state_dict_zip(path, {f"module.{k}": v for k, v in sd.items()},
+  torch_pickle_writer.save_state_dict_zip(path, {f"module.{k}": v for k, v in sd.items()},
                                    wrap_key="state_dict")
   config, params = clip.convert_state_dict(torch_pickle.load_state_dict(path))
   np.testing.assert_array_equal(params["transformer"]["resblocks_1"]["in_proj"]["kernel"],

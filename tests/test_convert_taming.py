@@ -9,7 +9,7 @@ import pytest
 
 from magvlt_jax.configs_util import load_config
 from magvlt_jax.convert import taming_vqgan as tv
-from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_pickle_writer
 from magvlt_jax.models import vqgan
 
 
@@ -147,7 +147,7 @@ def test_torch_ckpt_with_magvlt_prefix_and_cli(tmp_path):
   wrapped = {f"model_vqvae.{k}": v for k, v in sd.items()}
   wrapped["model.tok_emb.weight"] = np.zeros((4, 4), np.float32)  # transformer keys: ignored
   ckpt = str(tmp_path / "magvlt.ckpt")
-  torch_pickle.save_state_dict_zip(ckpt, wrapped, wrap_key="state_dict")
+  torch_pickle_writer.save_state_dict_zip(ckpt, wrapped, wrap_key="state_dict")
   params = tv.convert_file(ckpt, cfg)
   np.testing.assert_array_equal(params["quantize"]["embedding"], sd["quantize.embedding.weight"])
   # CLI on the real f16 config is too big for a unit test; the tiny CLI path goes through the same code.

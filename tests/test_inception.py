@@ -4,7 +4,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from magvlt_jax.convert import inception_fid, torch_pickle
+from magvlt_jax.convert import inception_fid, torch_pickle_writer
 from magvlt_jax.models import inception
 
 
@@ -66,7 +66,7 @@ def _random_state_dict(seed=0):
 def weights(tmp_path_factory):
   sd = _random_state_dict()
   path = str(tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth")
-  torch_pickle.save_state_dict_zip(path, sd)
+  torch_pickle_writer.save_state_dict_zip(path, sd)
   return sd, path, inception_fid.load_params(path)
 
 

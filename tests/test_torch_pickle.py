@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from magvlt_jax.convert import torch_pickle as tp
+from magvlt_jax.convert import torch_pickle_writer as tpw
 
 
 def _sample_dict():
@@ -40,10 +41,10 @@ def test_round_trip(tmp_path, fmt):
   sd = _sample_dict()
   path = str(tmp_path / "model.pth")
   if fmt == "zip":
-    tp.save_state_dict_zip(path, sd)
+    tpw.save_state_dict_zip(path, sd)
     assert zipfile.is_zipfile(path)
   else:
-    tp.save_state_dict_legacy(path, sd)
+    tpw.save_state_dict_legacy(path, sd)
     assert not zipfile.is_zipfile(path)
   _assert_same(tp.load_state_dict(path), sd)
 
@@ -51,7 +52,7 @@ def test_round_trip(tmp_path, fmt):
 def test_nested_state_dict_and_key_selection(tmp_path):
   sd = _sample_dict()
   path = str(tmp_path / "last.ckpt")
-  tp.save_state_dict_zip(path, sd, wrap_key="state_dict")
+  tpw.save_state_dict_zip(path, sd, wrap_key="state_dict")
   assert list(tp.load(path)) == ["state_dict"]
   _assert_same(tp.load_state_dict(path), sd)
   _assert_same(tp.load_state_dict(path, key="state_dict"), sd)
@@ -61,7 +62,7 @@ def test_nested_state_dict_and_key_selection(tmp_path):
 
 def _write_raw_zip(path, obj, storages):
   with zipfile.ZipFile(path, "w") as zf:
-    zf.writestr("archive/data.pkl", tp._dumps(obj))
+    zf.writestr("archive/data.pkl", tpw._dumps(obj))
     for key, arr in storages.items():
       zf.writestr(f"archive/data/{key}", arr.tobytes())
     zf.writestr("archive/version", "3\n")
@@ -71,8 +72,8 @@ def test_views_sharing_one_storage(tmp_path):
   # torch saves views (slices, transposes) as offsets/strides into a shared storage.
   base = np.arange(20, dtype=np.float32)
   obj = {
-      "row": tp._TensorRef("0", "FloatStorage", 20, 5, (5,), (1,)),
-      "transposed": tp._TensorRef("0", "FloatStorage", 20, 0, (4, 5), (1, 4)),
+      "row": tpw._TensorRef("0", "FloatStorage", 20, 5, (5,), (1,)),
+      "transposed": tpw._TensorRef("0", "FloatStorage", 20, 0, (4, 5), (1, 4)),
   }
   path = str(tmp_path / "views.pt")
   _write_raw_zip(path, obj, {"0": base})
@@ -82,7 +83,7 @@ def test_views_sharing_one_storage(tmp_path):
 
 
 def test_out_of_bounds_geometry_is_rejected(tmp_path):
-  obj = {"w": tp._TensorRef("0", "FloatStorage", 4, 2, (3,), (1,))}
+  obj = {"w": tpw._TensorRef("0", "FloatStorage", 4, 2, (3,), (1,))}
   path = str(tmp_path / "bad.pt")
   _write_raw_zip(path, obj, {"0": np.zeros(4, np.float32)})
   with pytest.raises(tp.TorchPickleError, match="exceeds its storage"):
@@ -140,13 +141,13 @@ def test_untyped_storage_with_dtype_v3(tmp_path):
   # torch>=2.1 writes dtypes without a legacy storage class (uint16, float8...) as
   # _rebuild_tensor_v3(UntypedStorage bytes, ..., dtype).
   values = np.arange(6, dtype=np.uint16).reshape(2, 3) * 1000
-  pid = tp._PersistentStorage("0", "UntypedStorage", values.nbytes)
+  pid = tpw._PersistentStorage("0", "UntypedStorage", values.nbytes)
 
   class _V3:
     def __reduce__(self):
-      return (tp._GlobalRef("torch._utils", "_rebuild_tensor_v3"),
+      return (tpw._GlobalRef("torch._utils", "_rebuild_tensor_v3"),
               (pid, 0, (2, 3), (3, 1), False, collections.OrderedDict(),
-               tp._GlobalRef("torch", "uint16")))
+               tpw._GlobalRef("torch", "uint16")))
   obj = {"w": _V3()}
   path = str(tmp_path / "v3.pt")
   _write_raw_zip(path, obj, {"0": values.view(np.uint8).reshape(-1)})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from magvlt_jax.configs_util import load_config
-from magvlt_jax.convert import torch_pickle
+from magvlt_jax.convert import torch_pickle_writer
 from magvlt_jax.models import discriminator as disc_lib
 from magvlt_jax.models import lpips as lpips_lib
 from magvlt_jax.models import vqgan
@@ -174,7 +174,7 @@ def _random_vgg_lpips_state_dicts(rng):
 
 def test_lpips_loads_user_weights_without_torch(tmp_path):
   vgg, heads = _random_vgg_lpips_state_dicts(np.random.default_rng(4))
-  torch_pickle.save_state_dict_zip(str(tmp_path / "vgg16.pth"), vgg)
+  torch_pickle_writer.save_state_dict_zip(str(tmp_path / "vgg16.pth"), vgg)
   np.savez(str(tmp_path / "heads.npz"), **heads)
   params = lpips_lib.load_params(f"{tmp_path / 'vgg16.pth'}, {tmp_path / 'heads.npz'}")
   np.testing.assert_array_equal(params["conv_28"]["kernel"], vgg["features.28.weight"].transpose(2, 3, 1, 0))
