@@ -149,8 +149,20 @@ def _check_shapes(metadata: Any, abstract: Any, where: str, prefix: str = ""):
   missing = [f"  {k}: not in checkpoint" for k in sorted(wanted) if k not in saved]
   if bad or missing:
     lines = bad + missing[:20] + ([f"  ... {len(missing) - 20} more missing"] if len(missing) > 20 else [])
+    hint = _layer_layout_hint(saved, wanted)
     raise ValueError(f"checkpoint {where} does not match the configured model "
-                     f"(does the config match the one it was trained with?):\n" + "\n".join(lines))
+                     f"(does the config match the one it was trained with?){hint}:\n" + "\n".join(lines))
+
+
+def _layer_layout_hint(saved: dict, wanted: dict) -> str:
+  """Names the scanned/unscanned block layout mismatch (config.model.scan_layers), if that is it."""
+  has = lambda shapes, part: any(part in k.split("/") for k in shapes)
+  for ckpt, model, value in (("blocks", "block_0", "True"), ("block_0", "blocks", "False")):
+    if has(saved, ckpt) and has(wanted, model):
+      return (f"; the checkpoint's transformer blocks are {'scanned' if ckpt == 'blocks' else 'unscanned'}: "
+              f"set config.model.scan_layers={value} (or convert with transformer."
+              f"{'unstack_layers' if ckpt == 'blocks' else 'stack_layers'})")
+  return ""
 
 
 def load_params(directory: str, step: Optional[int] = None, abstract: Any = None) -> Any:

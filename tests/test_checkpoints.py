@@ -83,6 +83,17 @@ def test_load_params_and_shape_mismatch(tmp_path):
     checkpoints.load_params(str(tmp_path), step=5)
 
 
+def test_scanned_vs_unscanned_checkpoint_names_the_flag(tmp_path):
+  unscanned = {"block_0": {"w": jnp.ones((2, 3))}, "block_1": {"w": jnp.ones((2, 3))}}
+  state, _ = _state()
+  store = checkpoints.CheckpointStore(str(tmp_path / "checkpoints"))
+  store.save(1, state.replace(params=unscanned, opt_state=()))
+  store.close()
+  scanned = {"blocks": {"w": jax.ShapeDtypeStruct((2, 2, 3), jnp.float32)}}
+  with pytest.raises(ValueError, match=r"set config.model.scan_layers=False .*stack_layers"):
+    checkpoints.load_params(str(tmp_path), abstract=scanned)
+
+
 def test_config_json_roundtrip(tmp_path):
   c = ml_collections.ConfigDict({"train": {"task_weights": (8.0, 1.0, 1.0), "num_steps": 3},
                                  "name": "x"})

@@ -65,6 +65,12 @@ def test_rules_map_model_axes(strategy, token, fc1, wq, batch_act):
   assert resolve(axes["block_0"]["attn"]["wq"]) == wq
   act = "mlp" if strategy == "fsdp_tensor" else "embed"
   assert resolve(("batch", "length", act)) == batch_act
+  # Scanned blocks: the stacked "layers" axis stays whole, the rest shards as unscanned.
+  scan_config = configs_util.load_config("configs/magvlt.py:tiny")
+  scan_config.model.scan_layers = True
+  scanned = transformer.logical_axes(scan_config)["blocks"]
+  assert resolve(scanned["mlp"]["fc1"]["kernel"]) == P(None, *fc1)
+  assert resolve(scanned["attn"]["wq"]) == P(None, *wq)
   assert parallel.shard_batch_spec(rules) == P(("data", "fsdp"))
 
 

@@ -135,7 +135,34 @@ class Block(nn.Module):
     return constrain(x, ("batch", "length", "embed"))
 
 
-def maybe_remat(module_cls, remat: bool):
+def maybe_remat(module_cls, remat: bool, prevent_cse: bool = True):
   """nn.remat(module_cls) when `remat` (recompute block activations in the backward pass)."""
-  return nn.remat(module_cls) if remat else module_cls
+  return nn.remat(module_cls, prevent_cse=prevent_cse) if remat else module_cls
+
+
+class _ScanBlock(Block):
+  """Block with nn.scan's (carry, output) signature."""
+
+  def __call__(self, x, mask):  # pylint: disable=arguments-differ
+    return super().__call__(x, mask), None
+
+
+LAYERS_AXIS = "layers"  # logical name of the stacked-layer axis of scanned params (never sharded)
+
+
+def scanned_blocks(num_layers: int, remat: bool):
+  """`num_layers` Blocks as ONE nn.scan: the program holds one block body, not num_layers copies
+  (compile time and HLO size stop growing with depth), params are stacked [num_layers, ...] on the
+  logical axis "layers", each layer draws its own init and dropout keys. Call the returned class
+  as `cls(*Block fields, name=...)(x, mask) -> x`."""
+  # Under scan, remat's CSE barrier is unnecessary and blocks fusion across the loop body.
+  body = maybe_remat(_ScanBlock, remat, prevent_cse=False)
+  scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+
+  class ScannedBlocks(scanned):  # pylint: disable=missing-class-docstring
+    def __call__(self, x, mask):  # pylint: disable=arguments-differ
+      return super().__call__(x, mask)[0]
+  return ScannedBlocks
 

@@ -40,6 +40,7 @@ class VLTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
   causal: bool = False
   remat: bool = False
+  scan_layers: bool = False  # one nn.scan over the blocks: params stacked on a "layers" axis
   attention_impl: str = "xla"
   num_segments: int = 0  # >0: add a learned segment embedding per slot (L-Verse BiART [REF]/[GEN])
   dtype: Any = jnp.float32
@@ -111,11 +112,15 @@ class VLTransformer(nn.Module):
     mask = attn_mask
     if self.causal:
       mask = seq.causal_mask(self.seq_length) if mask is None else mask & seq.causal_mask(self.seq_length)
-    block_cls = layers.maybe_remat(layers.Block, self.remat)
-    for i in range(self.num_layers):
-      x = block_cls(self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
-                    self.attention_dropout_rate, self.layer_norm_eps, deterministic,
-                    self.attention_impl, self.dtype, self.param_dtype, name=f"block_{i}")(x, mask)
+    block_args = (self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
+                  self.attention_dropout_rate, self.layer_norm_eps, deterministic,
+                  self.attention_impl, self.dtype, self.param_dtype)
+    if self.scan_layers:
+      x = layers.scanned_blocks(self.num_layers, self.remat)(*block_args, name="blocks")(x, mask)
+    else:
+      block_cls = layers.maybe_remat(layers.Block, self.remat)
+      for i in range(self.num_layers):
+        x = block_cls(*block_args, name=f"block_{i}")(x, mask)
 
     result = {}
     if "hidden" in outputs:
@@ -141,6 +146,25 @@ class VLTransformer(nn.Module):
     return result
 
 
+def stack_layers(params, num_layers: int):
+  """Unscanned params (block_0 .. block_{n-1}) -> scanned params ("blocks", leaves stacked on a
+  leading layer axis): a checkpoint trained with model.scan_layers=False used with True."""
+  params = dict(params)
+  blocks = [params.pop(f"block_{i}") for i in range(num_layers)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return params
+
+
+def unstack_layers(params):
+  """Scanned params ("blocks") -> unscanned (block_0 .. block_{n-1}); inverse of stack_layers."""
+  params = dict(params)
+  blocks = params.pop("blocks")
+  n = jax.tree.leaves(blocks)[0].shape[0]
+  for i in range(n):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params
+
+
 def from_config(config, **overrides) -> VLTransformer:
   """VLTransformer from a full magvlt config (config.model + config.sequence)."""
   m, s = config.model, config.sequence
@@ -152,7 +176,7 @@ def from_config(config, **overrides) -> VLTransformer:
       attention_dropout_rate=float(m.attention_dropout_rate),
       embedding_dropout_rate=float(m.embedding_dropout_rate),
       layer_norm_eps=float(m.layer_norm_eps), causal=bool(m.causal), remat=bool(m.remat),
-      attention_impl=str(m.attention_impl), num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
+      scan_layers=bool(m.get("scan_layers", False)), attention_impl=str(m.attention_impl), num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
       param_dtype=layers.get_dtype(m.param_dtype))
   kwargs.update(overrides)
   return VLTransformer(**kwargs)
