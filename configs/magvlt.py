@@ -125,7 +125,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 250 if tiny else 2000
   c.train.keep_checkpoints = 3
   c.train.max_nonfinite_in_row = 10
-  c.train.num_sample_prompts = 8
+  c.train.num_sample_prompts = 16
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 1e-3 if tiny else 1e-4

@@ -111,6 +111,20 @@ def test_synthetic_scene_space_is_small_and_captions_unambiguous():
   assert synthetic.parse_caption(synthetic.captions(two, 0, 1)[0]) == list(two.objects)
 
 
+
+def test_read_scene_scores_rendered_and_wrong_images():
+  # Every rendered scene reads back as itself; a blank image and a wrong colour/place do not.
+  for _, img, _, s in synthetic.examples(60, seed=4, size=64):
+    assert synthetic.read_scene(img) == s.objects[0]
+    assert synthetic.match_score(list(s.objects), synthetic.read_scene(img))["all"] == 1
+  blank = np.zeros((64, 64, 3), np.uint8) + np.asarray(synthetic.BACKGROUND, np.uint8)
+  assert synthetic.read_scene(blank) is None
+  expected = [synthetic.Obj("red", "circle", "top left")]
+  assert synthetic.match_score(expected, None) == {"color": 0, "shape": 0, "place": 0, "all": 0}
+  other = synthetic.render(synthetic.scene_from_caption_parts("blue", "circle", "bottom right"), 64)
+  assert synthetic.match_score(expected, synthetic.read_scene(other)) == {
+      "color": 0, "shape": 1, "place": 0, "all": 0}
+
 def _coco_json(images, captions):
   return {
       "info": {"description": "COCO 2014 Dataset", "version": "1.0", "year": 2014},

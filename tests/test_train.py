@@ -48,7 +48,7 @@ def test_end_to_end_train_then_resume(tmp_path):
   assert os.path.exists(os.path.join(workdir, "text", "spm.model"))
   assert checkpoints.load_config(workdir).train.num_steps == 3
   assert _rows(workdir) == [1, 2, 3]
-  for name in ("t2i.png", "t2i.txt", "i2t.txt", "i2t_images.png"):
+  for name in ("t2i.png", "t2i.txt", "i2t.txt", "i2t_images.png", "scores.txt"):
     assert os.path.exists(os.path.join(workdir, "samples", "step_3", name)), name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"))

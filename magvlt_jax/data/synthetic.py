@@ -155,3 +155,45 @@ def parse_caption(caption: str) -> list[Obj]:
     if color and shape and place:
       found.append(Obj(color, shape, place))
   return found
+
+
+def read_scene(image: np.ndarray, min_fraction: float = 0.02) -> Obj | None:
+  """The single object a (generated) image shows, read back with the renderer's own rules:
+  foreground = pixels far from the background colour, colour = nearest palette entry to their
+  median, place = grid cell of their centroid, shape = best IoU with each shape rendered at that
+  centroid. None when less than `min_fraction` of the image is foreground. Scores T2I samples on
+  this dataset (colour/shape/place right or not)."""
+  img = np.asarray(image, np.float32)
+  size = img.shape[0]
+  fg = np.linalg.norm(img - np.asarray(BACKGROUND, np.float32), axis=-1) > 60.0
+  if fg.mean() < min_fraction:
+    return None
+  palette = np.asarray(list(COLORS.values()), np.float32)
+  median = np.median(img[fg], axis=0)
+  color = list(COLORS)[int(np.argmin(np.linalg.norm(palette - median, axis=-1)))]
+  ys, xs = np.nonzero(fg)
+  cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
+  cell = size / 3.0
+  row, col = min(int(cy // cell), 2), min(int(cx // cell), 2)
+  place = next(name for name, rc in PLACES.items() if rc == (row, col))
+  coords = np.arange(size, dtype=np.float32) + 0.5
+  yy, xx = coords[:, None] - cy, coords[None, :] - cx
+
+  def iou(shape):
+    # The triangle's centroid sits 2/15 r below its render centre (apex -r, base +0.7r).
+    dy = (2.0 / 15.0) * 0.36 * cell if shape == "triangle" else 0.0
+    m = _shape_mask(shape, yy + dy, xx, 0.36 * cell)
+    return (m & fg).sum() / max((m | fg).sum(), 1)
+  shape = max(SHAPES, key=iou)
+  return Obj(color, shape, place)
+
+
+def match_score(expected: list[Obj], found: Obj | None) -> dict:
+  """{'color','shape','place','all'} in {0, 1}: does `found` match the first expected object?"""
+  if not expected or found is None:
+    return {"color": 0, "shape": 0, "place": 0, "all": 0}
+  e = expected[0]
+  out = {"color": int(e.color == found.color), "shape": int(e.shape == found.shape),
+         "place": int(e.place == found.place)}
+  out["all"] = int(all(out.values()))
+  return out

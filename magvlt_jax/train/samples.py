@@ -87,6 +87,8 @@ def write_samples(config, workdir, setup, params, tokenizer, step: int, writer, 
   prompts = tokenizer.decode(batch["text"])
   captions = tokenizer.decode(np.asarray(text_ids))
   result = {"prompts": prompts, "captions": captions, "images": images}
+  if config.data.name == "synthetic":
+    result["scores"] = synthetic_scores(prompts, captions, images, np.asarray(recon))
   if jax.process_index() != 0:
     return result
   out_dir = os.path.join(workdir, "samples", f"step_{step}")
@@ -103,5 +105,33 @@ def write_samples(config, workdir, setup, params, tokenizer, step: int, writer, 
   writer.write_texts(step, {
       "samples/t2i_prompts": " | ".join(f"{i}: {p}" for i, p in enumerate(prompts)),
       "samples/i2t_captions": " | ".join(f"{i}: {c}" for i, c in enumerate(captions))})
+  if "scores" in result:
+    scores = result["scores"]
+    writer.write_scalars(step, {f"samples/{k}": v for k, v in scores.items()})
+    with open(os.path.join(out_dir, "scores.txt"), "w") as f:
+      f.write("".join(f"{k}: {v:.3f}\n" for k, v in sorted(scores.items())))
+    logging.info("samples at step %d match their prompts/images (synthetic data, %d each): T2I "
+                 "colour %.2f shape %.2f place %.2f all %.2f | I2T colour %.2f shape %.2f place "
+                 "%.2f all %.2f | tokenizer reconstructions all %.2f", step, n, *(scores[f"{t}_{k}"] for t in ("t2i", "i2t")
+                                             for k in ("color", "shape", "place", "all")),
+                 scores["tokenizer_all"])
   logging.info("%ssamples at step %d written to %s", "final " if final else "", step, out_dir)
   return result
+
+
+def synthetic_scores(prompts, captions, images, recon) -> dict:
+  """Fraction of samples whose colour / shape / place (and all three) match, on the built-in
+  synthetic data: T2I images are read back with synthetic.read_scene and compared with the
+  prompt; I2T captions are parsed and compared with the image's reference caption (the prompt of
+  the same eval example). `tokenizer_*` scores the VQ-GAN reconstructions of the I2T inputs the same
+  way as T2I images: the ceiling T2I can reach with this tokenizer."""
+  from magvlt_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  t2i = [synthetic.match_score(synthetic.parse_caption(p), synthetic.read_scene(img))
+         for p, img in zip(prompts, images)]
+  i2t = [synthetic.match_score(synthetic.parse_caption(p), (synthetic.parse_caption(c) or [None])[0])
+         for p, c in zip(prompts, captions)]
+  rec = [synthetic.match_score(synthetic.parse_caption(p), synthetic.read_scene(img))
+         for p, img in zip(prompts, recon)]
+  return {f"{name}_{k}": float(np.mean([r[k] for r in rows]))
+          for name, rows in (("t2i", t2i), ("i2t", i2t), ("tokenizer", rec))
+          for k in ("color", "shape", "place", "all")}
