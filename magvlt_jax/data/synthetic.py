@@ -27,6 +27,9 @@ PLACES = {
     "bottom left": (2, 0), "bottom middle": (2, 1), "bottom right": (2, 2),
 }
 BACKGROUND = (40, 40, 48)
+# Object radius as a fraction of a grid cell: large enough that a shape spans ~2.5 codes of an f8
+# tokenizer, so the tiny tokenizer keeps shapes, not just coloured blobs, after minutes of training.
+OBJECT_RADIUS = 0.44
 
 TEMPLATES = (
     "a {color} {shape} in the {place}",
@@ -101,7 +104,7 @@ def render(s: Scene, size: int = 64) -> np.ndarray:
   img = np.empty((size, size, 3), np.uint8)
   img[:] = BACKGROUND
   cell = size / 3.0
-  r = 0.36 * cell
+  r = OBJECT_RADIUS * cell
   coords = np.arange(size, dtype=np.float32) + 0.5
   for obj, (jy, jx) in zip(s.objects, s.jitter):
     row, col = PLACES[obj.place]
@@ -181,8 +184,8 @@ def read_scene(image: np.ndarray, min_fraction: float = 0.02) -> Obj | None:
 
   def iou(shape):
     # The triangle's centroid sits 2/15 r below its render centre (apex -r, base +0.7r).
-    dy = (2.0 / 15.0) * 0.36 * cell if shape == "triangle" else 0.0
-    m = _shape_mask(shape, yy + dy, xx, 0.36 * cell)
+    dy = (2.0 / 15.0) * OBJECT_RADIUS * cell if shape == "triangle" else 0.0
+    m = _shape_mask(shape, yy + dy, xx, OBJECT_RADIUS * cell)
     return (m & fg).sum() / max((m | fg).sum(), 1)
   shape = max(SHAPES, key=iou)
   return Obj(color, shape, place)
