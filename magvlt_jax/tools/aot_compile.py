@@ -59,6 +59,10 @@ def define_flags():
   return config_flags.DEFINE_config_file("config", "configs/magvlt.py:base", "magvlt config")
 
 
+class DoesNotFit(RuntimeError):
+  """The TPU compiler ran out of HBM for this function (its message says by how much)."""
+
+
 @dataclasses.dataclass
 class Result:
   name: str
@@ -218,10 +222,19 @@ def _flops(compiled) -> float:
 def compile_one(name, fn, args, *, topology, config, mesh, per_chip_batch, global_batch,
                 analytic_flops=float("nan")) -> Result:
   start = time.time()
-  compiled = fn.lower(*args).compile()
+  _, _, hbm, _ = resolve_topology(topology)
+  try:
+    compiled = fn.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    first = next((line for line in str(e).splitlines() if "Ran out of memory" in line), str(e)[:300])
+    raise DoesNotFit(f"{name} on {topology} (per-chip batch {per_chip_batch}, global "
+                     f"{global_batch}) does NOT fit in {hbm} GiB HBM per chip: {first.strip()} "
+                     f"Lower --per_chip_batch, use --strategy=fsdp, or "
+                     f"--config.model.remat=True.") from None
   elapsed = time.time() - start
   gib, detail = _memory(compiled)
-  _, _, hbm, _ = resolve_topology(topology)
   return Result(name=name, topology=topology, strategy=config.mesh.strategy,
                 mesh="x".join(str(v) for v in mesh.shape.values()), per_chip_batch=per_chip_batch,
                 global_batch=global_batch, memory_gib=gib, hbm_gib=float(hbm),
@@ -280,9 +293,13 @@ def format_result(r: Result) -> str:
 def main(argv):
   del argv
   config = configure_mesh(flags.FLAGS.config, flags.FLAGS.strategy, flags.FLAGS.mesh)
-  for r in run(config, flags.FLAGS.topology, flags.FLAGS.per_chip_batch, flags.FLAGS.what,
-               flags.FLAGS.sample_per_chip):
-    print(format_result(r), flush=True)
+  try:
+    for r in run(config, flags.FLAGS.topology, flags.FLAGS.per_chip_batch, flags.FLAGS.what,
+                 flags.FLAGS.sample_per_chip):
+      print(format_result(r), flush=True)
+  except DoesNotFit as e:
+    print(f"per-chip memory: does not fit. {e}", flush=True)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
