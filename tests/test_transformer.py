@@ -149,8 +149,8 @@ def test_dropout_paths_and_remat(config, params):
   tiny = transformer.from_config(config, attention_dropout_rate=1e-9, dropout_rate=0.0)
   explicit = _apply(tiny, params, inp, mask, layout, outs, False, jax.random.key(1))
   np.testing.assert_allclose(explicit["image"], det["image"], atol=1e-4)
-  drop = _apply(transformer.from_config(config), params, inp, mask, layout, outs, False,
-                jax.random.key(1))
+  drop = _apply(transformer.from_config(config, dropout_rate=0.1, attention_dropout_rate=0.1),
+                params, inp, mask, layout, outs, False, jax.random.key(1))
   assert not np.allclose(drop["image"], det["image"], atol=1e-3)
 
   def loss(p, remat):
@@ -189,9 +189,9 @@ def test_scanned_layers_match_unrolled(config, params):
                transformer.stack_layers(g_ref, config.model.num_layers), g_scan)
   back = transformer.unstack_layers(stacked)
   jax.tree.map(np.testing.assert_array_equal, back, params)
-  # Dropout draws a different key per layer: two layers with identical weights diverge.
-  drop = _apply(transformer.from_config(scan_config), stacked, inp, mask, layout, outs, False,
-                jax.random.key(3))
+  # Dropout is live inside the scanned body (split_rngs: each layer draws its own mask).
+  drop = _apply(transformer.from_config(scan_config, dropout_rate=0.1), stacked, inp, mask, layout,
+                outs, False, jax.random.key(3))
   assert not np.allclose(drop["image"], got["image"], atol=1e-3)
 
 
