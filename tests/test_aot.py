@@ -37,6 +37,26 @@ def test_analytic_flops_scale_with_batch():
   assert 6 * 302e6 * 324 < one < 2 * 6 * 302e6 * 324
 
 
+class _OverflowingLowered:
+  """Stands in for jit(f).lower(...): compile() fails the way XLA:TPU does on an HBM overflow."""
+
+  def lower(self, *args):
+    del args
+    return self
+
+  def compile(self):
+    raise aot_compile.jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+        "of memory in memory space hbm. Used 18.70G of 15.75G hbm. Exceeded hbm capacity by 2.95G.")
+
+
+def test_hbm_overflow_is_reported_as_does_not_fit():
+  with pytest.raises(aot_compile.DoesNotFit, match=r"train on v5e:16x16 .*per-chip batch 16.*does "
+                     r"NOT fit in 16 GiB.*Used 18.70G of 15.75G hbm.*--per_chip_batch"):
+    aot_compile.compile_one("train", _OverflowingLowered(), (), topology="v5e:16x16", config=None,
+                            mesh=None, per_chip_batch=16, global_batch=4096)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAS_LIBTPU, reason="libtpu is not installed")
 def test_aot_compile_cli_on_v5p_2x2x1():
