@@ -1,9 +1,7 @@
 """Taming VQGAN conversion: key layout, completeness, errors, and outputs equal to a numpy reference."""
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
