@@ -53,9 +53,8 @@ def score(config, vq_params, num_images: int, seed: int):
   decode = jax.jit(lambda p, z: vqgan.to_uint8(vqgan.decode(p, z, config.vqgan)))
   codes = np.asarray(encode(vq_params, images))
   recon = np.asarray(decode(vq_params, jnp.asarray(codes)))
-  rows = [synthetic.match_score(list(s.objects), synthetic.read_scene(r))
-          for (_, _, _, s), r in zip(data, recon)]
-  out = {k: float(np.mean([r[k] for r in rows])) for k in ("color", "shape", "place", "all")}
+  out = synthetic.match_rates([list(s.objects) for _, _, _, s in data],
+                              [synthetic.read_scene(r) for r in recon])
   counts = np.array(list(collections.Counter(codes.ravel().tolist()).values()), np.float64)
   p = counts / counts.sum()
   out.update(codes_used=int(len(counts)), code_entropy_bits=float(-(p * np.log2(p)).sum()),

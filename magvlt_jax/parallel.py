@@ -38,8 +38,8 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data para
 # Logical name -> mesh axes, in priority order (flax takes the first rule whose mesh axes are still
 # free in that array). 'batch' comes first, so an activation [batch, length, embed] keeps 'embed'
 # unsharded under fsdp (its 'fsdp' axis is already used by 'batch') while params shard 'embed'.
-# Names without a rule ('layers' of scanned blocks, 'length', 'kv', 'positions', 'special', 'length_classes', 'conv_in', ...)
-# are replicated.
+# Names without a rule ('layers' of scanned blocks, 'length', 'kv', 'positions', 'special',
+# 'length_classes', 'conv_in', ...) are replicated.
 _BATCH_RULE = (("batch", BATCH_AXES),)
 _FSDP_RULES = (("embed", "fsdp"), ("conv_out", "fsdp"), ("codebook", "fsdp"))
 _TENSOR_RULES = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))

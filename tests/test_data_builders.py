@@ -124,6 +124,8 @@ def test_read_scene_scores_rendered_and_wrong_images():
   other = synthetic.render(synthetic.scene_from_caption_parts("blue", "circle", "bottom right"), 64)
   assert synthetic.match_score(expected, synthetic.read_scene(other)) == {
       "color": 0, "shape": 1, "place": 0, "all": 0}
+  assert synthetic.match_rates([expected, expected], [expected[0], synthetic.read_scene(other)]) == {
+      "color": 0.5, "shape": 1.0, "place": 0.5, "all": 0.5}
 
 def _coco_json(images, captions):
   return {

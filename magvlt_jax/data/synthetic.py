@@ -200,3 +200,9 @@ def match_score(expected: list[Obj], found: Obj | None) -> dict:
          "place": int(e.place == found.place)}
   out["all"] = int(all(out.values()))
   return out
+
+
+def match_rates(expected: list[list[Obj]], found: list[Obj | None]) -> dict:
+  """Mean of match_score over pairs: {'color','shape','place','all'} as fractions in [0, 1]."""
+  rows = [match_score(e, f) for e, f in zip(expected, found)]
+  return {k: float(np.mean([r[k] for r in rows])) for k in ("color", "shape", "place", "all")}

@@ -181,7 +181,8 @@ def from_config(config, **overrides) -> VLTransformer:
       attention_dropout_rate=float(m.attention_dropout_rate),
       embedding_dropout_rate=float(m.embedding_dropout_rate),
       layer_norm_eps=float(m.layer_norm_eps), causal=bool(m.causal), remat=bool(m.remat),
-      scan_layers=bool(m.get("scan_layers", False)), attention_impl=str(m.attention_impl), num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
+      scan_layers=bool(m.get("scan_layers", False)), attention_impl=str(m.attention_impl),
+      num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
       param_dtype=layers.get_dtype(m.param_dtype))
   kwargs.update(overrides)
   return VLTransformer(**kwargs)
