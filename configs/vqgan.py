@@ -44,6 +44,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/vqgan.py: unknown variant {variant!r}; expected 'f16_16384' or 'tiny'")
 
   c.dropout_rate = 0.0
+  # taming: GroupNorm and a global self-attention in the encoder/decoder middle. For tiny, both off
+  # ("layer": per-position LayerNorm; no mid attention): with image-wide statistics every code of a
+  # synthetic scene shifts with the object's colour and place (an object changed 29 of 64 codes on
+  # average), so the transformer has to model the whole background; local codes change only near
+  # the object (benchmarks/RESULTS.md, tokenizer section).
+  c.norm_type = "group" if variant != "tiny" else "layer"  # group | layer
+  c.mid_attention = variant != "tiny"
 
   c.quantizer = ml_collections.ConfigDict()
   c.quantizer.beta = 0.25  # commitment weight

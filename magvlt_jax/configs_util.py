@@ -99,6 +99,8 @@ def _validate_vqgan(config):
     _fail("vqgan.norm_groups", v.norm_groups, "does not divide every level's channel count",
           "pick a divisor of vqgan.base_channels * each channel_mult")
   _one_of(config, "vqgan.loss.reconstruction", RECONSTRUCTION_LOSSES)
+  if "norm_type" in v:
+    _one_of(config, "vqgan.norm_type", ("group", "layer"))
 
 
 def _validate_sequence(config):

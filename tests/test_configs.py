@@ -46,6 +46,7 @@ BAD_VALUES = [
     ("sequence.image_vocab_size", 512, "sequence.image_vocab_size"),
     ("vqgan.image_size", 60, "vqgan.image_size"),
     ("vqgan.dtype", "int8", "vqgan.dtype"),
+    ("vqgan.norm_type", "batch", "vqgan.norm_type"),
     ("train.task_weights", (8.0, 1.0), "train.task_weights"),
     ("train.task_weights", (8.0, -1.0, 1.0), "train.task_weights"),
     ("train.task_weights", (0.0, 0.0, 0.0), "train.task_weights"),

@@ -1,5 +1,7 @@
 """Taming VQGAN conversion: key layout, completeness, errors, and outputs equal to a numpy reference."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +91,8 @@ def micro_config():
   """A tiny taming layout that still has attention inside a level, nin_shortcuts and 2 resolutions."""
   cfg = load_config("configs/vqgan.py:tiny")
   cfg.update(dict(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                  z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4))
+                  z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4,
+                  norm_type="group", mid_attention=True))  # the taming layers
   cfg.quantizer.l2_normalize = False  # the taming lookup
   return cfg
 
@@ -148,12 +151,24 @@ def test_torch_ckpt_with_magvlt_prefix_and_cli(tmp_path):
   torch_pickle_writer.save_state_dict_zip(ckpt, wrapped, wrap_key="state_dict")
   params = tv.convert_file(ckpt, cfg)
   np.testing.assert_array_equal(params["quantize"]["embedding"], sd["quantize.embedding.weight"])
-  # CLI on the real f16 config is too big for a unit test; the tiny CLI path goes through the same code.
+  # CLI on the real f16 config is too big for a unit test; a tiny taming layout (the tiny variant
+  # with taming's GroupNorm and mid attention, from a config file) goes through the same code.
   cfg_tiny = load_config("configs/vqgan.py:tiny")
+  cfg_tiny.update(dict(norm_type="group", mid_attention=True))
+  spec = tmp_path / "tiny_taming.py"
+  spec.write_text("import importlib.util, os\n"
+                  f"_p = {os.path.abspath('configs/vqgan.py')!r}\n"
+                  "def get_config(variant):\n"
+                  "  s = importlib.util.spec_from_file_location('v', _p); m = importlib.util.module_from_spec(s)\n"
+                  "  s.loader.exec_module(m); c = m.get_config(variant)\n"
+                  "  c.norm_type, c.mid_attention = 'group', True\n"
+                  "  return c\n")
   tiny_sd = random_state_dict(shapes_for(cfg_tiny), seed=2)
   src, out = str(tmp_path / "tiny.npz"), str(tmp_path / "out" / "tiny_params.npz")
   np.savez(src, **tiny_sd)
-  tv.main(["--input", src, "--output", out, "--config", "tiny"])
+  with pytest.raises(ValueError, match="norm_type='layer', mid_attention=False"):
+    tv.main(["--input", src, "--output", out, "--config", "tiny"])  # the tiny default is not taming's
+  tv.main(["--input", src, "--output", out, "--config", f"{spec}:tiny"])
   loaded = vqgan.load_params(out, cfg_tiny)
   np.testing.assert_array_equal(np.asarray(loaded["decoder"]["conv_out"]["bias"]), tiny_sd["decoder.conv_out.bias"])
   with pytest.raises(ValueError, match=r"shape of decoder/conv_in/kernel: got \(3, 3, 64, \d+\)"):

@@ -53,8 +53,31 @@ def micro():
   """Small enough to run eagerly; still has attention in a level, nin_shortcuts and 2 resolutions."""
   cfg = load_config("configs/vqgan.py:tiny")
   cfg.update(dict(image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                  z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4))
+                  z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4,
+                  norm_type="group", mid_attention=True))
   return cfg
+
+
+@pytest.mark.parametrize("norm_type,mid_attention,local", [("group", True, False), ("group", False, False),
+                                                          ("layer", True, False), ("layer", False, True)])
+def test_codes_are_local_only_without_groupnorm_and_mid_attention(norm_type, mid_attention, local):
+  # A change in one corner must not reach a latent whose receptive field ends before it: true for
+  # per-position LayerNorm without the mid attention (the tiny default), false for taming's
+  # GroupNorm (image-wide statistics) or its mid attention (every latent attends to all).
+  cfg = load_config("configs/vqgan.py:tiny")
+  cfg.update(dict(image_size=64, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                  attn_resolutions=(), z_channels=8, embed_dim=8, codebook_size=16, norm_groups=4,
+                  norm_type=norm_type, mid_attention=mid_attention))
+  params = vqgan.init_params(cfg, jax.random.PRNGKey(1))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 64, 64, 3)), jnp.float32)
+  changed = x.at[:, :4, :4, :].set(1.0)
+  encode = jax.jit(lambda p, x: vqgan.VQGAN(cfg).apply({"params": p}, x, method=vqgan.VQGAN.encode_latent))
+  z, z2 = encode(params, x), encode(params, changed)
+  assert z.shape == (1, 32, 32, 8)
+  near = float(jnp.abs(z[:, :2, :2] - z2[:, :2, :2]).max())
+  far = float(jnp.abs(z[:, -8:, -8:] - z2[:, -8:, -8:]).max())
+  assert near > 1e-3
+  assert (far == 0.0) == local, far
 
 
 def test_every_param_has_logical_axes(tiny):

@@ -64,6 +64,12 @@ def _select(sd: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], vq_config, source: str = "checkpoint"):
   """taming state dict -> our nested params (numpy, float32 unless the source is float64->float32)."""
+  layers = (vq_config.get("norm_type", "group"), bool(vq_config.get("mid_attention", True)))
+  if layers != ("group", True):
+    raise ValueError(f"{source}: a taming checkpoint needs taming's layers, but config.vqgan has "
+                     f"norm_type={layers[0]!r}, mid_attention={layers[1]} (variant "
+                     f"{vq_config.get('variant', '?')!r}); set vqgan.norm_type='group' and "
+                     f"vqgan.mid_attention=True")
   want = vqgan.flatten_params_shapes(vqgan.abstract_params(vq_config))
   flat, errors, used = {}, [], set()
   for key, value in _select(state_dict).items():

@@ -62,7 +62,8 @@ class VQGAN(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     arch = dict(base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=tuple(cfg.attn_resolutions),
-                resolution=cfg.image_size, groups=cfg.norm_groups, dropout_rate=cfg.dropout_rate, **kw)
+                resolution=cfg.image_size, groups=cfg.norm_groups, dropout_rate=cfg.dropout_rate,
+                norm_type=cfg.get("norm_type", "group"), mid_attention=cfg.get("mid_attention", True), **kw)
     self.encoder = L.Encoder(z_channels=cfg.z_channels, **arch)
     self.decoder = L.Decoder(out_channels=3, **arch)
     self.quant_conv = L.conv(cfg.embed_dim, 1, None, **kw)

@@ -26,12 +26,21 @@ def conv(features, kernel_size, name, dtype, param_dtype, stride=1, padding="SAM
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
-def group_norm(groups, name, dtype, param_dtype):
-  # taming: torch.nn.GroupNorm(32, C, eps=1e-6, affine=True).
-  return nn.GroupNorm(
-      num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+NORM_TYPES = ("group", "layer")
+
+
+def norm(norm_type, groups, name, dtype, param_dtype):
+  """taming: torch.nn.GroupNorm(32, C, eps=1e-6, affine=True) ("group"). "layer" normalises each
+  position over its channels only, so no activation depends on image-wide statistics; same
+  parameter names and shapes ([C] scale and bias)."""
+  kw = dict(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+  if norm_type == "group":
+    return nn.GroupNorm(num_groups=groups, **kw)
+  if norm_type == "layer":
+    return nn.LayerNorm(**kw)
+  raise ValueError(f"config.vqgan.norm_type={norm_type!r}: expected one of {NORM_TYPES}")
 
 
 def constrain(x):
@@ -42,6 +51,7 @@ class ResnetBlock(nn.Module):
   """norm-swish-conv3x3 twice, dropout before the second conv, 1x1 `nin_shortcut` when channels change."""
   out_channels: int
   groups: int = 32
+  norm_type: str = "group"
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -49,9 +59,9 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.swish(group_norm(self.groups, "norm1", **kw)(x))
+    h = nn.swish(norm(self.norm_type, self.groups, "norm1", **kw)(x))
     h = conv(self.out_channels, 3, "conv1", **kw)(h)
-    h = nn.swish(group_norm(self.groups, "norm2", **kw)(h))
+    h = nn.swish(norm(self.norm_type, self.groups, "norm2", **kw)(h))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     h = conv(self.out_channels, 3, "conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
@@ -62,6 +72,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out (taming `AttnBlock`)."""
   groups: int = 32
+  norm_type: str = "group"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -69,7 +80,7 @@ class AttnBlock(nn.Module):
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, hgt, wid, c = x.shape
-    h = group_norm(self.groups, "norm", **kw)(x)
+    h = norm(self.norm_type, self.groups, "norm", **kw)(x)
     q = conv(c, 1, "q", **kw)(h).reshape(b, hgt * wid, c)
     k = conv(c, 1, "k", **kw)(h).reshape(b, hgt * wid, c)
     v = conv(c, 1, "v", **kw)(h).reshape(b, hgt * wid, c)
@@ -110,6 +121,7 @@ class Level(nn.Module):
   use_attn: bool
   resample: str  # "down" | "up" | "none"
   groups: int = 32
+  norm_type: str = "group"
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -118,10 +130,11 @@ class Level(nn.Module):
   def __call__(self, x, deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.groups, self.dropout_rate, name=f"block_{i}", **kw)(
-          x, deterministic)
+      block = ResnetBlock(self.out_channels, self.groups, self.norm_type, self.dropout_rate,
+                          name=f"block_{i}", **kw)
+      x = block(x, deterministic)
       if self.use_attn:
-        x = AttnBlock(self.groups, name=f"attn_{i}", **kw)(x)
+        x = AttnBlock(self.groups, self.norm_type, name=f"attn_{i}", **kw)(x)
     if self.resample == "down":
       x = Downsample(name="downsample", **kw)(x)
     elif self.resample == "up":
@@ -130,8 +143,11 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
-  """block_1, attn_1, block_2 at the lowest resolution."""
+  """block_1, attn_1, block_2 at the lowest resolution (attn_1 omitted when not `attention`: then
+  every latent sees only its convolutional receptive field)."""
   groups: int = 32
+  norm_type: str = "group"
+  attention: bool = True
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -140,9 +156,11 @@ class Mid(nn.Module):
   def __call__(self, x, deterministic=True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c = x.shape[-1]
-    x = ResnetBlock(c, self.groups, self.dropout_rate, name="block_1", **kw)(x, deterministic)
-    x = AttnBlock(self.groups, name="attn_1", **kw)(x)
-    return ResnetBlock(c, self.groups, self.dropout_rate, name="block_2", **kw)(x, deterministic)
+    x = ResnetBlock(c, self.groups, self.norm_type, self.dropout_rate, name="block_1", **kw)(x, deterministic)
+    if self.attention:
+      x = AttnBlock(self.groups, self.norm_type, name="attn_1", **kw)(x)
+    return ResnetBlock(c, self.groups, self.norm_type, self.dropout_rate, name="block_2", **kw)(
+        x, deterministic)
 
 
 class Encoder(nn.Module):
@@ -154,6 +172,8 @@ class Encoder(nn.Module):
   resolution: int
   z_channels: int
   groups: int = 32
+  norm_type: str = "group"
+  mid_attention: bool = True
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -166,11 +186,13 @@ class Encoder(nn.Module):
     last = len(self.channel_mult) - 1
     for i, mult in enumerate(self.channel_mult):
       x = Level(self.base_channels * mult, self.num_res_blocks, res in self.attn_resolutions,
-                "down" if i != last else "none", self.groups, self.dropout_rate, name=f"down_{i}", **kw)(
+                "down" if i != last else "none", self.groups, self.norm_type, self.dropout_rate,
+                name=f"down_{i}", **kw)(
                     x, deterministic)
       res = res // 2 if i != last else res
-    x = Mid(self.groups, self.dropout_rate, name="mid", **kw)(x, deterministic)
-    x = nn.swish(group_norm(self.groups, "norm_out", **kw)(x))
+    x = Mid(self.groups, self.norm_type, self.mid_attention, self.dropout_rate, name="mid", **kw)(
+        x, deterministic)
+    x = nn.swish(norm(self.norm_type, self.groups, "norm_out", **kw)(x))
     return conv(self.z_channels, 3, "conv_out", **kw)(x)
 
 
@@ -187,6 +209,8 @@ class Decoder(nn.Module):
   resolution: int
   out_channels: int = 3
   groups: int = 32
+  norm_type: str = "group"
+  mid_attention: bool = True
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -197,12 +221,14 @@ class Decoder(nn.Module):
     levels = len(self.channel_mult)
     res = self.resolution // 2 ** (levels - 1)
     x = conv(self.base_channels * self.channel_mult[-1], 3, "conv_in", **kw)(z.astype(self.dtype))
-    x = Mid(self.groups, self.dropout_rate, name="mid", **kw)(x, deterministic)
+    x = Mid(self.groups, self.norm_type, self.mid_attention, self.dropout_rate, name="mid", **kw)(
+        x, deterministic)
     for i in reversed(range(levels)):
       x = Level(self.base_channels * self.channel_mult[i], self.num_res_blocks + 1, res in self.attn_resolutions,
-                "up" if i != 0 else "none", self.groups, self.dropout_rate, name=f"up_{i}", **kw)(
+                "up" if i != 0 else "none", self.groups, self.norm_type, self.dropout_rate,
+                name=f"up_{i}", **kw)(
                     x, deterministic)
       res = res * 2 if i != 0 else res
-    feats = nn.swish(group_norm(self.groups, "norm_out", **kw)(x))
+    feats = nn.swish(norm(self.norm_type, self.groups, "norm_out", **kw)(x))
     out = conv(self.out_channels, 3, "conv_out", **kw)(feats).astype(jnp.float32)
     return (out, feats) if return_features else out
