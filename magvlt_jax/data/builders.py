@@ -27,7 +27,7 @@ from magvlt_jax.data import synthetic as synthetic_lib
 from magvlt_jax.data import transforms
 from magvlt_jax.data import validate
 
-VERSION = "1.1.0"  # 1.1.0: synthetic objects drawn larger (synthetic.OBJECT_RADIUS)
+VERSION = "1.2.0"  # 1.1.0: synthetic objects drawn larger (synthetic.OBJECT_RADIUS); 1.2.0: larger squares
 STATS_FILE = "prepare_stats.json"
 SHOW_PROGRESS = None  # None: progress bars on terminals only; tools/prepare_data sets True
 
