@@ -168,8 +168,8 @@ class Objective:
                            bog_token=bog, image_vocab_size=self.image_vocab)
 
   def _aux(self, tree):
-    """The examples the UnrollMask and MixSel passes use: every aux_batch_stride-th (a stride,
-    not a prefix, so a batch sharded over devices stays balanced)."""
+    """The examples the UnrollMask, MixSel and length-probe passes use: every aux_batch_stride-th
+    (a stride, not a prefix, so a batch sharded over devices stays balanced)."""
     if self.aux_stride == 1:
       return tree
     return jax.tree.map(lambda x: x[::self.aux_stride], tree)
@@ -291,7 +291,7 @@ class Objective:
     out = self._forward(params, inputs, attn, lay, ("text",), k_d1)
     main = masked_loss(out["text"][:b], text, mask, self.smoothing)
     mixsel = masked_loss(out["text"][b:], mtext, mmask, self.smoothing)["loss"] if self.use_mixsel else 0.0
-    length = self._length_probe(params, codes, text, tlen, k_len)
+    length = self._length_probe(params, *self._aux((codes, text, tlen)), k_len)
     unroll = 0.0
     if self.use_unroll:
       logits, codes, mask, u, text, tlen = self._aux((out["text"][:b], codes, mask, u, text, tlen))
@@ -342,7 +342,7 @@ class Objective:
     if self.use_mixsel:
       mixsel = (masked_loss(out["image"][b:], mcodes, mimg, self.smoothing)["loss"]
                 + masked_loss(out["text"][b:], mtext, mtxt, self.smoothing)["loss"])
-    length = self._length_probe(params, codes, text, tlen, k_len)
+    length = self._length_probe(params, *self._aux((codes, text, tlen)), k_len)
     return self._result(image["loss"] + txt["loss"], 0.0, mixsel, length=length, image=image, text=txt)
 
   # ---------------------------------------------------------------- entry point

@@ -216,6 +216,24 @@ def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
   return NamedSharding(mesh, shard_batch_spec(rules))
 
 
+def batch_shards(mesh: Mesh, rules: Rules | None = None) -> int:
+  """How many ways the batch is split (mesh.data * mesh.fsdp under the standard rules)."""
+  return _axis_size(mesh, batch_sharding(mesh, rules).spec[0])
+
+
+def check_aux_batch(global_batch_size: int, stride: int, mesh: Mesh, rules: Rules | None = None):
+  """The UnrollMask / MixSel / length-probe passes take every stride-th example; that subset must
+  split evenly over the batch shards. An uneven subset is padded by XLA and, under fsdp_tensor,
+  gave a different gradient than one device (tests/test_parallel.py)."""
+  shards = batch_shards(mesh, rules)
+  if stride > 1 and (global_batch_size // shards) % stride:
+    raise ValueError(
+        f"config.train.aux_batch_stride={stride}: the auxiliary passes use every {stride}-th of the "
+        f"{global_batch_size // shards} examples each of the {shards} batch shards holds "
+        f"(config.data.global_batch_size={global_batch_size}), which does not divide evenly; use a "
+        f"stride that divides {global_batch_size // shards} (1 always works) or a larger global batch")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

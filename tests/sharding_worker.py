@@ -26,7 +26,7 @@ MESHES = {"data": (8, 1, 1), "fsdp": (2, 4, 1), "fsdp_tensor": (2, 2, 2)}
 def small_config():
   """tiny, shrunk until 4 compiles of the full train step stay affordable: 1 layer, 8x8 images
   -> 4x4 codes through a 1-level VQ-GAN, UnrollMask and MixSel off (extra passes of the same
-  sharded ops; they double the compile time).
+  sharded ops; they double the compile time), the length probe on the whole batch.
   Dropout off; no LR warm-up (the first update must move the params); Adam eps 1e-6 so that
   float-rounding noise on ~0 gradients is not amplified to +-lr by Adam's g/|g| first step."""
   c = configs_util.load_config("configs/magvlt.py:tiny")
@@ -36,6 +36,10 @@ def small_config():
   c.sequence.image_tokens = 16
   c.sequence.text_length = c.model.length_classes = 8
   c.train.use_unroll = c.train.use_mixsel = False
+  # Batch 8 over up to 8 shards: the auxiliary subset must stay whole per shard
+  # (parallel.check_aux_batch); stride 4 with 2 examples over 4 shards gave a different
+  # fsdp_tensor gradient before that check existed.
+  c.train.aux_batch_stride = 1
   c.optimizer.warmup_steps = 0
   c.optimizer.eps = 1e-6
   return c

@@ -42,6 +42,14 @@ def test_make_mesh_one_device_is_auto():
     parallel.make_mesh(_mesh_cfg(data=1, num_slices=2))
 
 
+def test_aux_subset_must_split_evenly_over_batch_shards():
+  mesh = parallel.make_mesh(_mesh_cfg())  # one CPU device: one batch shard
+  parallel.check_aux_batch(16, 4, mesh)  # 16 per shard, every 4th: fine
+  parallel.check_aux_batch(6, 1, mesh)
+  with pytest.raises(ValueError, match=r"config\.train\.aux_batch_stride=4.*global_batch_size=6"):
+    parallel.check_aux_batch(6, 4, mesh)
+
+
 def test_unknown_strategy():
   with pytest.raises(ValueError, match="config.mesh.strategy='zero'"):
     parallel.logical_rules("zero")

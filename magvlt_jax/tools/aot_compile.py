@@ -144,6 +144,7 @@ def train_parts(config, eos_id: int = 1, sep_id: int = 2):
 
 def build_train(config, mesh, rules, global_batch: int):
   """(ShardedFunction, abstract args) of the trainer's train step (VQ-GAN encode inside)."""
+  parallel.check_aux_batch(global_batch, int(config.train.get("aux_batch_stride", 1)), mesh, rules)
   init_state, train_step, metrics = train_parts(config)
   state_abs = parallel.abstract_state(init_state, jax.random.key(0), rules=rules)
   state_sh = parallel.state_shardings(state_abs, mesh, rules)

@@ -84,6 +84,8 @@ class Setup:
     self.config, self.workdir, self.text_tokenizer = config, workdir, text_tokenizer
     self.mesh = parallel.make_mesh(config.mesh)
     self.rules = parallel.logical_rules(config.mesh.strategy)
+    parallel.check_aux_batch(int(config.data.global_batch_size),
+                             int(config.train.get("aux_batch_stride", 1)), self.mesh, self.rules)
     self.model = transformer.from_config(config)
     self.tx = optimizer_lib.make_optimizer(config)
     self.schedule = optimizer_lib.learning_rate_schedule(config)
