@@ -14,7 +14,7 @@ from magvlt_jax import sampler
 from magvlt_jax.models import vqgan
 
 
-def _sample_fns(setup):
+def sample_fns(setup):
   """Jitted (params, vq_params, ..., key) -> outputs; built once per Setup."""
   fns = getattr(setup, "_sample_fns", None)
   if fns is not None:
@@ -78,7 +78,7 @@ def write_samples(config, workdir, setup, params, tokenizer, step: int, writer, 
   """Generates and writes the step's sample grids; returns {'prompts', 'captions', 'references'}."""
   n = int(config.train.num_sample_prompts)
   batch = _prompt_batch(config, workdir, tokenizer, n)
-  t2i, i2t = _sample_fns(setup)
+  t2i, i2t = sample_fns(setup)
   key = jax.random.key(int(config.seed) + 7)
   k1, k2 = jax.random.split(key)
   images = np.asarray(jax.device_get(t2i(params, setup.vq_params, jnp.asarray(batch["text"]),
