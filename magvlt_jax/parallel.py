@@ -228,9 +228,9 @@ def check_aux_batch(global_batch_size: int, stride: int, mesh: Mesh, rules: Rule
   shards = batch_shards(mesh, rules)
   if stride > 1 and (global_batch_size // shards) % stride:
     raise ValueError(
-        f"config.train.aux_batch_stride={stride}: the auxiliary passes use every {stride}-th of the "
-        f"{global_batch_size // shards} examples each of the {shards} batch shards holds "
-        f"(config.data.global_batch_size={global_batch_size}), which does not divide evenly; use a "
+        f"config.train.aux_batch_stride={stride}: the auxiliary passes take one example in "
+        f"{stride}, but each of the {shards} batch shards holds {global_batch_size // shards} "
+        f"(config.data.global_batch_size={global_batch_size}), not a multiple of {stride}; use a "
         f"stride that divides {global_batch_size // shards} (1 always works) or a larger global batch")
 
 
