@@ -12,7 +12,6 @@ Overrides are `key=value` on configs/magvlt.py:tiny (Python literals; strings as
 Prints one JSON line; --grid writes originals above reconstructions as a PNG.
 """
 import argparse
-import ast
 import collections
 import json
 import os
@@ -27,21 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import configs_util  # noqa: E402
 from magvlt_jax.data import synthetic  # noqa: E402
 from magvlt_jax.models import vqgan  # noqa: E402
-
-
-def apply_override(config, item: str):
-  key, _, raw = item.partition("=")
-  if not raw:
-    raise SystemExit(f"override {item!r}: expected key=value")
-  *path, leaf = key.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  node[leaf] = value
 
 
 def score(config, vq_params, num_images: int, seed: int):
@@ -73,7 +57,7 @@ def main():
   args = parser.parse_args()
   config = configs_util.load_config("configs/magvlt.py:tiny")
   for item in args.overrides:
-    apply_override(config, item)
+    configs_util.apply_override(config, item)
   train_s = None
   if args.tokenizer:
     tok_dir = args.tokenizer

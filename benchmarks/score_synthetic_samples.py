@@ -11,7 +11,6 @@ The model, tokenizer and data come from WORKDIR/config.json; `key=value` overrid
 literals) apply on top (decoding.* is what makes sense to change). Prints one JSON line.
 """
 import argparse
-import ast
 import json
 import os
 import sys
@@ -22,25 +21,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import checkpoints  # noqa: E402
+from magvlt_jax import configs_util  # noqa: E402
 from magvlt_jax import text as text_lib  # noqa: E402
 from magvlt_jax.data import pipeline  # noqa: E402
 from magvlt_jax.train import samples  # noqa: E402
 from magvlt_jax.train import trainer  # noqa: E402
-
-
-def _override(config, item: str):
-  key, _, raw = item.partition("=")
-  if not raw:
-    raise SystemExit(f"override {item!r}: expected key=value")
-  *path, leaf = key.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  node[leaf] = value
 
 
 def main(argv=None):
@@ -56,7 +41,7 @@ def main(argv=None):
     raise SystemExit(f"{args.workdir} was trained on data.name={config.data.name!r}; this scores "
                      f"the built-in synthetic data only")
   for item in args.overrides:
-    _override(config, item)
+    configs_util.apply_override(config, item)
   tokenizer = text_lib.get_or_train_tokenizer(config, args.workdir)
   setup = trainer.Setup(config, args.workdir, tokenizer, trainer.tokenizer_params(config, args.workdir))
   store = checkpoints.CheckpointStore(os.path.join(args.workdir, "checkpoints"))

@@ -3,6 +3,7 @@
 Every error names the offending key and what to change, e.g.
   ValueError: config.model.embed_dim=130 is not divisible by config.model.num_heads=4; ...
 """
+import ast
 import importlib.util
 import math
 import os
@@ -17,6 +18,23 @@ MESH_STRATEGIES = ("data", "fsdp", "fsdp_tensor")
 DATASETS = ("synthetic", "coco_captions_folder", "image_text_list")
 RERANKERS = ("auto", "clip", "likelihood", "none")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+def apply_override(config, item: str):
+  """Applies one `key.path=value` override (value a Python literal, else the raw string), as the
+  benchmark scripts take them on their command lines."""
+  key, _, raw = item.partition("=")
+  if not raw:
+    raise SystemExit(f"override {item!r}: expected key=value")
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  node[leaf] = value
 
 
 def load_config(spec: str):

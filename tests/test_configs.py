@@ -92,3 +92,15 @@ def test_validation_names_agree_with_the_implementations():
   from magvlt_jax import configs_util, decoding_image, parallel
   assert set(configs_util.DECODING_ORDERS) == set(decoding_image.ORDERS)
   assert set(configs_util.MESH_STRATEGIES) == set(parallel.STRATEGIES)
+
+
+def test_apply_override_parses_literals_and_keeps_strings():
+  from magvlt_jax.configs_util import apply_override
+  config = load_config("configs/magvlt.py:tiny")
+  apply_override(config, "decoding.image_temperature=(1.0, 0.3)")
+  apply_override(config, "vqgan.norm_type=group")
+  apply_override(config, "train.num_steps=7")
+  assert config.decoding.image_temperature == (1.0, 0.3)
+  assert config.vqgan.norm_type == "group" and config.train.num_steps == 7
+  with pytest.raises(SystemExit, match="expected key=value"):
+    apply_override(config, "train.num_steps")
