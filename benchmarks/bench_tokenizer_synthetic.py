@@ -43,7 +43,31 @@ def score(config, vq_params, num_images: int, seed: int):
   p = counts / counts.sum()
   out.update(codes_used=int(len(counts)), code_entropy_bits=float(-(p * np.log2(p)).sum()),
              num_images=num_images)
+  probe_data = list(synthetic.examples(800, seed=seed + 1, size=size))
+  probe_codes = np.concatenate([np.asarray(encode(vq_params, jnp.asarray(np.stack(
+      [img for _, img, _, _ in probe_data[i:i + 100]])))) for i in range(0, len(probe_data), 100)])
+  out.update(code_probe([s.objects[0] for _, _, _, s in probe_data], probe_codes,
+                        int(config.vqgan.codebook_size)))
   return out, np.asarray(images), recon
+
+
+def code_probe(objects, codes, codebook_size: int, train_fraction: float = 0.75) -> dict:
+  """How directly the codes name colour and shape: a least-squares linear classifier on each
+  image's bag of codes (code counts, position ignored), fit on the first 3/4 of the images and
+  scored on the rest. A tokenizer that spreads colour over combinations of shared codes scores
+  low here, and the transformer then has to learn those combinations in both directions."""
+  bags = np.stack([np.bincount(c.ravel(), minlength=codebook_size) for c in codes]).astype(np.float64)
+  features = np.concatenate([bags, np.ones((len(bags), 1))], axis=1)
+  n_fit = int(len(bags) * train_fraction)
+  out = {}
+  for attr in ("color", "shape"):
+    labels = np.array([getattr(o, attr) for o in objects])
+    classes = sorted(set(labels))
+    onehot = (labels[:, None] == np.array(classes)[None]).astype(np.float64)
+    weights = np.linalg.lstsq(features[:n_fit], onehot[:n_fit], rcond=None)[0]
+    predicted = np.array(classes)[(features[n_fit:] @ weights).argmax(axis=1)]
+    out[f"probe_{attr}"] = float((predicted == labels[n_fit:]).mean())
+  return out
 
 
 def main():
