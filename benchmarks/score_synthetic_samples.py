@@ -9,6 +9,10 @@ same N eval images, and prints the fraction whose colour / shape / place (and al
 
 The model, tokenizer and data come from WORKDIR/config.json; `key=value` overrides (Python
 literals) apply on top (decoding.* is what makes sense to change). Prints one JSON line.
+
+`forced_i2t_*` separates learning from decoding: each eval image with its reference caption, only
+the colour word (or the shape word, or the first place word) masked, scored right when the model
+ranks the true word first among that attribute's words. Captions can only be as right as this.
 """
 import argparse
 import json
@@ -22,10 +26,47 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import checkpoints  # noqa: E402
 from magvlt_jax import configs_util  # noqa: E402
+from magvlt_jax import sequence as seq  # noqa: E402
 from magvlt_jax import text as text_lib  # noqa: E402
 from magvlt_jax.data import pipeline  # noqa: E402
+from magvlt_jax.data import synthetic  # noqa: E402
 from magvlt_jax.train import samples  # noqa: E402
 from magvlt_jax.train import trainer  # noqa: E402
+
+
+ATTRIBUTE_WORDS = {"color": tuple(synthetic.COLORS), "shape": synthetic.SHAPES,
+                   "place": ("top", "middle", "bottom", "center")}
+
+
+def teacher_forced_i2t(setup, params, batch, tokenizer) -> dict:
+  """{'forced_i2t_color', ...}: accuracy of the attribute word with only that word masked."""
+  config = setup.config
+  layout = seq.layout_from_config(config, seq.Task.I2T)
+  codes = setup.objective.encode_fn(setup.vq_params, jnp.asarray(batch["image"]))
+  text, length = np.asarray(batch["text"]), np.asarray(batch["text_length"])
+  rows = np.arange(len(text))
+
+  @jax.jit
+  def text_logits(params, inputs, attn):
+    return setup.model.apply({"params": params}, inputs, attn, layout=layout, outputs=("text",))["text"]
+
+  out = {}
+  for attribute, words in ATTRIBUTE_WORDS.items():
+    pieces = [tokenizer.encode_ids(w) for w in words]
+    if any(len(p) != 1 for p in pieces):
+      continue  # a word spelled with several pieces: no single slot to mask
+    ids = np.array([p[0] for p in pieces])
+    hits = np.isin(text, ids) & (np.arange(text.shape[1])[None] < length[:, None])
+    has = hits.any(axis=1)
+    slot = hits.argmax(axis=1)
+    masked = np.zeros(text.shape, bool)
+    masked[rows[has], slot[has]] = True
+    inputs = seq.build_input(layout, codes, jnp.asarray(text), text_masked=jnp.asarray(masked),
+                             image_vocab_size=int(config.sequence.image_vocab_size))
+    logits = np.asarray(text_logits(params, inputs, seq.attention_mask(layout, jnp.asarray(length))))
+    ranked = ids[logits[rows, slot][:, ids].argmax(axis=1)]
+    out[f"forced_i2t_{attribute}"] = float((ranked == text[rows, slot])[has].mean()) if has.any() else 0.0
+  return out
 
 
 def main(argv=None):
@@ -59,6 +100,7 @@ def main(argv=None):
   text_ids, recon = i2t(state.params, setup.vq_params, jnp.asarray(batch["image"]), k2)
   scores = samples.synthetic_scores(tokenizer.decode(batch["text"]),
                                     tokenizer.decode(np.asarray(text_ids)), images, np.asarray(recon))
+  scores.update(teacher_forced_i2t(setup, state.params, batch, tokenizer))
   print(json.dumps({"workdir": args.workdir, "step": int(step), "num": int(len(images)),
                     "overrides": args.overrides, **{k: round(v, 3) for k, v in sorted(scores.items())}}))
 
