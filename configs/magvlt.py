@@ -55,6 +55,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.model.attention_dropout_rate = 0.1 if not tiny else 0.0
   c.model.embedding_dropout_rate = 0.0
   c.model.layer_norm_eps = 1e-5
+  # N(0, init_std) for every weight and embedding table. The official 0.02 is 0.64 / sqrt(width) at
+  # base's 1024; tiny (128 wide) keeps that scale (0.06): at 0.02 its I2T sat on a plateau where
+  # colour words were never read from the image (benchmarks/RESULTS.md, "Why the quick start's
+  # captions get colour and shape wrong").
+  c.model.init_std = 0.02 if not tiny else 0.06
   c.model.dtype = "float32"  # compute dtype: "bfloat16" on accelerators
   c.model.param_dtype = "float32"
   c.model.causal = False  # True for the autoregressive baselines

@@ -95,6 +95,8 @@ def _validate_model(config):
     if not 0.0 <= value < 1.0:
       _fail(f"model.{key}", value, "must be in [0, 1)", "use e.g. 0.1 (or 0.0 to disable)")
   _positive(config, "model.layer_norm_eps")
+  if "init_std" in m:
+    _positive(config, "model.init_std")
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.param_dtype", DTYPES)
   _one_of(config, "model.attention_impl", ATTENTION_IMPLS)

@@ -63,6 +63,7 @@ BAD_VALUES = [
     ("data.name", "imagenet", "data.name"),
     ("data.name", "coco_captions_folder", "data.path"),  # needs a path
     ("optimizer.peak_lr", -1e-3, "optimizer.peak_lr"),
+    ("model.init_std", 0.0, "model.init_std"),
 ]
 
 

@@ -49,6 +49,22 @@ def test_base_param_count():
   assert transformer.param_count(load_config("configs/magvlt.py:base")) == 371_533_056
 
 
+def test_init_std_sets_every_weight_and_table(config):
+  """config.model.init_std reaches embeddings, attention, MLP and head weights (biases and
+  LayerNorms keep their zero/one init)."""
+  for std in (0.02, 0.1):
+    c = config.copy_and_resolve_references()
+    c.model.init_std = std
+    params = transformer.init_params(c, jax.random.key(1))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    weights = {k: v for k, v in flat.items() if v.ndim >= 2 and v.size >= 1024}
+    assert {"token_embed", "pos_img", "block_0/attn/wq", "block_0/mlp/fc1/kernel",
+            "head_dense/kernel"} <= set(weights)
+    for name, value in weights.items():
+      assert abs(value.std() / std - 1.0) < 0.1, (std, name, value.std())
+
+
 def test_every_param_has_logical_names(config):
   boxed = transformer.param_shapes(config, boxed=True)
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-INIT_STD = 0.02  # official _init_weights: N(0, 0.02) for linear and embedding weights
+INIT_STD = 0.02  # official _init_weights: N(0, 0.02) for linear and embedding weights (config.model.init_std)
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -28,8 +28,8 @@ def get_dtype(name) -> Dtype:
   return _DTYPES[name]
 
 
-def normal_init(names):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=INIT_STD), names)
+def normal_init(names, std: float = INIT_STD):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
 
 def zeros_init(names):
@@ -47,9 +47,9 @@ def layer_norm(eps, dtype, param_dtype, axis_name="embed", name=None):
                       bias_init=zeros_init((axis_name,)))
 
 
-def dense(features, names, dtype, param_dtype, use_bias=True, name=None):
+def dense(features, names, dtype, param_dtype, use_bias=True, name=None, init_std: float = INIT_STD):
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=normal_init(names), bias_init=zeros_init(names[-1:]))
+                  kernel_init=normal_init(names, init_std), bias_init=zeros_init(names[-1:]))
 
 
 class Attention(nn.Module):
@@ -60,9 +60,10 @@ class Attention(nn.Module):
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = INIT_STD
 
   def _proj(self, x, name, features, heads, head_dim):
-    w = self.param(f"w{name}", normal_init(("embed", "heads", "kv")), (features, heads, head_dim),
+    w = self.param(f"w{name}", normal_init(("embed", "heads", "kv"), self.init_std), (features, heads, head_dim),
                    self.param_dtype)
     b = self.param(f"b{name}", zeros_init(("heads", "kv")), (heads, head_dim), self.param_dtype)
     y = jnp.einsum("bld,dhk->blhk", x, w.astype(self.dtype)) + b.astype(self.dtype)
@@ -81,7 +82,7 @@ class Attention(nn.Module):
       impl = None if self.attention_impl == "xla" else self.attention_impl
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = constrain(out.astype(self.dtype), ("batch", "length", "heads", "kv"))
-    wo = self.param("wo", normal_init(("heads", "kv", "embed")), (self.num_heads, head_dim, features),
+    wo = self.param("wo", normal_init(("heads", "kv", "embed"), self.init_std), (self.num_heads, head_dim, features),
                     self.param_dtype)
     bo = self.param("bo", zeros_init(("embed",)), (features,), self.param_dtype)
     return jnp.einsum("blhk,hkd->bld", out, wo.astype(self.dtype)) + bo.astype(self.dtype)
@@ -102,13 +103,14 @@ class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = INIT_STD
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1")(x)
+    h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1", init_std=self.init_std)(x)
     h = constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
-    return dense(features, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2")(h)
+    return dense(features, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2", init_std=self.init_std)(h)
 
 
 class Block(nn.Module):
@@ -122,15 +124,16 @@ class Block(nn.Module):
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_std: float = INIT_STD
 
   @nn.compact
   def __call__(self, x, mask):
     h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="ln1")(x)
     h = Attention(self.num_heads, self.attention_dropout_rate, self.deterministic,
-                  self.attention_impl, self.dtype, self.param_dtype, name="attn")(h, mask)
+                  self.attention_impl, self.dtype, self.param_dtype, self.init_std, name="attn")(h, mask)
     x = x + nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="ln2")(x)
-    h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
+    h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.init_std, name="mlp")(h)
     x = x + nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     return constrain(x, ("batch", "length", "embed"))
 

@@ -45,6 +45,7 @@ class VLTransformer(nn.Module):
   num_segments: int = 0  # >0: add a learned segment embedding per slot (L-Verse BiART [REF]/[GEN])
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  init_std: float = layers.INIT_STD  # N(0, init_std) for every weight and embedding table
 
   @property
   def seq_length(self) -> int:
@@ -52,11 +53,11 @@ class VLTransformer(nn.Module):
 
   def _embed(self, inputs: seq.ModelInput, tok_table):
     d, pd = self.embed_dim, self.param_dtype
-    spc_table = self.param("special_embed", layers.normal_init(("special", "embed")),
+    spc_table = self.param("special_embed", layers.normal_init(("special", "embed"), self.init_std),
                            (seq.NUM_SPECIAL, d), pd)
-    pos_img = self.param("pos_img", layers.normal_init(("positions", "embed")), (self.n_img, d), pd)
-    pos_txt = self.param("pos_txt", layers.normal_init(("positions", "embed")), (self.n_txt, d), pd)
-    pos_spc = self.param("pos_spc", layers.normal_init(("positions", "embed")), (self.seq_length, d), pd)
+    pos_img = self.param("pos_img", layers.normal_init(("positions", "embed"), self.init_std), (self.n_img, d), pd)
+    pos_txt = self.param("pos_txt", layers.normal_init(("positions", "embed"), self.init_std), (self.n_txt, d), pd)
+    pos_spc = self.param("pos_spc", layers.normal_init(("positions", "embed"), self.init_std), (self.seq_length, d), pd)
     ids, pos = inputs.ids, inputs.local_pos
     # Gather from replicated-over-embed tables: a gather from a table sharded on both axes
     # forces XLA into a full rematerialisation when the result is batch-sharded.
@@ -103,13 +104,13 @@ class VLTransformer(nn.Module):
       raise ValueError(f"VLTransformer: sequence length {inputs.ids.shape[1]} / layout "
                        f"{layout.length} does not match the model's {self.seq_length}")
     vocab = self.image_vocab_size + self.text_vocab_size
-    tok_table = self.param("token_embed", layers.normal_init(("vocab", "embed")),
+    tok_table = self.param("token_embed", layers.normal_init(("vocab", "embed"), self.init_std),
                            (vocab, self.embed_dim), self.param_dtype)
     x = self._embed(inputs, tok_table)
     if self.num_segments:
       if segment_ids is None:
         raise ValueError("VLTransformer: num_segments > 0 needs segment_ids [B, L]")
-      seg_table = self.param("segment_embed", layers.normal_init(("special", "embed")),
+      seg_table = self.param("segment_embed", layers.normal_init(("special", "embed"), self.init_std),
                              (self.num_segments, self.embed_dim), self.param_dtype)
       x = x + jnp.take(layers.constrain(seg_table, (None, None)), segment_ids, axis=0).astype(self.dtype)
     x = nn.Dropout(self.embedding_dropout_rate, deterministic=deterministic)(x)
@@ -119,7 +120,7 @@ class VLTransformer(nn.Module):
       mask = seq.causal_mask(self.seq_length) if mask is None else mask & seq.causal_mask(self.seq_length)
     block_args = (self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
                   self.attention_dropout_rate, self.layer_norm_eps, deterministic,
-                  self.attention_impl, self.dtype, self.param_dtype)
+                  self.attention_impl, self.dtype, self.param_dtype, self.init_std)
     if self.scan_layers:
       x = layers.scanned_blocks(self.num_layers, self.remat)(*block_args, name="blocks")(x, mask)
     else:
@@ -132,7 +133,7 @@ class VLTransformer(nn.Module):
       result["hidden"] = x
     if "image" in outputs or "text" in outputs:
       dense = layers.dense(self.embed_dim, ("embed", "mlp"), self.dtype, self.param_dtype,
-                           name="head_dense")
+                           name="head_dense", init_std=self.init_std)
       norm = layers.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="head_ln")
       bias = self.param("output_bias", layers.zeros_init(("vocab",)), (vocab,), self.param_dtype)
       shift = 1 if predict_next else 0
@@ -146,7 +147,8 @@ class VLTransformer(nn.Module):
         result["text"] = self._head(h, tok_table, bias, self.image_vocab_size, vocab, dense, norm)
     if "length" in outputs:
       length_head = layers.dense(self.length_classes, ("embed", "length_classes"), self.dtype,
-                                 self.param_dtype, use_bias=False, name="length_head")
+                                 self.param_dtype, use_bias=False, name="length_head",
+                                 init_std=self.init_std)
       result["length"] = length_head(x[:, layout.bot_index]).astype(jnp.float32)
     return result
 
@@ -183,7 +185,8 @@ def from_config(config, **overrides) -> VLTransformer:
       layer_norm_eps=float(m.layer_norm_eps), causal=bool(m.causal), remat=bool(m.remat),
       scan_layers=bool(m.get("scan_layers", False)), attention_impl=str(m.attention_impl),
       num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
-      param_dtype=layers.get_dtype(m.param_dtype))
+      param_dtype=layers.get_dtype(m.param_dtype),
+      init_std=float(m.get("init_std", layers.INIT_STD)))
   kwargs.update(overrides)
   return VLTransformer(**kwargs)
 
