@@ -63,8 +63,8 @@ class Attention(nn.Module):
   init_std: float = INIT_STD
 
   def _proj(self, x, name, features, heads, head_dim):
-    w = self.param(f"w{name}", normal_init(("embed", "heads", "kv"), self.init_std), (features, heads, head_dim),
-                   self.param_dtype)
+    w = self.param(f"w{name}", normal_init(("embed", "heads", "kv"), self.init_std),
+                   (features, heads, head_dim), self.param_dtype)
     b = self.param(f"b{name}", zeros_init(("heads", "kv")), (heads, head_dim), self.param_dtype)
     y = jnp.einsum("bld,dhk->blhk", x, w.astype(self.dtype)) + b.astype(self.dtype)
     return constrain(y, ("batch", "length", "heads", "kv"))
@@ -82,8 +82,8 @@ class Attention(nn.Module):
       impl = None if self.attention_impl == "xla" else self.attention_impl
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = constrain(out.astype(self.dtype), ("batch", "length", "heads", "kv"))
-    wo = self.param("wo", normal_init(("heads", "kv", "embed"), self.init_std), (self.num_heads, head_dim, features),
-                    self.param_dtype)
+    wo = self.param("wo", normal_init(("heads", "kv", "embed"), self.init_std),
+                    (self.num_heads, head_dim, features), self.param_dtype)
     bo = self.param("bo", zeros_init(("embed",)), (features,), self.param_dtype)
     return jnp.einsum("blhk,hkd->bld", out, wo.astype(self.dtype)) + bo.astype(self.dtype)
 
@@ -108,9 +108,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1", init_std=self.init_std)(x)
+    h = dense(self.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1",
+              init_std=self.init_std)(x)
     h = constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
-    return dense(features, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2", init_std=self.init_std)(h)
+    return dense(features, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2",
+                 init_std=self.init_std)(h)
 
 
 class Block(nn.Module):

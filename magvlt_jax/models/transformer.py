@@ -55,9 +55,10 @@ class VLTransformer(nn.Module):
     d, pd = self.embed_dim, self.param_dtype
     spc_table = self.param("special_embed", layers.normal_init(("special", "embed"), self.init_std),
                            (seq.NUM_SPECIAL, d), pd)
-    pos_img = self.param("pos_img", layers.normal_init(("positions", "embed"), self.init_std), (self.n_img, d), pd)
-    pos_txt = self.param("pos_txt", layers.normal_init(("positions", "embed"), self.init_std), (self.n_txt, d), pd)
-    pos_spc = self.param("pos_spc", layers.normal_init(("positions", "embed"), self.init_std), (self.seq_length, d), pd)
+    pos_init = layers.normal_init(("positions", "embed"), self.init_std)
+    pos_img = self.param("pos_img", pos_init, (self.n_img, d), pd)
+    pos_txt = self.param("pos_txt", pos_init, (self.n_txt, d), pd)
+    pos_spc = self.param("pos_spc", pos_init, (self.seq_length, d), pd)
     ids, pos = inputs.ids, inputs.local_pos
     # Gather from replicated-over-embed tables: a gather from a table sharded on both axes
     # forces XLA into a full rematerialisation when the result is batch-sharded.
