@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import checkpoints  # noqa: E402
 from magvlt_jax import configs_util  # noqa: E402
+from magvlt_jax import sampler  # noqa: E402
 from magvlt_jax import sequence as seq  # noqa: E402
 from magvlt_jax import text as text_lib  # noqa: E402
 from magvlt_jax.data import pipeline  # noqa: E402
@@ -34,8 +35,9 @@ from magvlt_jax.train import samples  # noqa: E402
 from magvlt_jax.train import trainer  # noqa: E402
 
 
+# The first word of a place name decides the row ("top" / "middle" / "bottom", or "center").
 ATTRIBUTE_WORDS = {"color": tuple(synthetic.COLORS), "shape": synthetic.SHAPES,
-                   "place": ("top", "middle", "bottom", "center")}
+                   "place": tuple(dict.fromkeys(p.split()[0] for p in synthetic.PLACES))}
 
 
 def teacher_forced_i2t(setup, params, batch, tokenizer) -> dict:
@@ -48,7 +50,8 @@ def teacher_forced_i2t(setup, params, batch, tokenizer) -> dict:
 
   @jax.jit
   def text_logits(params, inputs, attn):
-    return setup.model.apply({"params": params}, inputs, attn, layout=layout, outputs=("text",))["text"]
+    logits_fn = sampler.model_logits_fn(setup.model, params)
+    return logits_fn(inputs, attn, layout=layout, outputs=("text",))["text"]
 
   out = {}
   for attribute, words in ATTRIBUTE_WORDS.items():
