@@ -1,6 +1,7 @@
 """How much of a synthetic scene survives the image tokenizer: trains the tiny VQ-GAN with config
 overrides (or loads a trained one) and scores its reconstructions with synthetic.read_scene
-(colour, shape, place and all three right), plus code usage and code entropy. T2I samples can at
+(colour, shape, place and all three right), plus code usage, code entropy and `probe_color` /
+`probe_shape` (a linear classifier on each image's bag of codes, `code_probe`). T2I samples can at
 best match their prompts as often as the reconstructions do; a near-uniform code distribution on
 these flat-background scenes means the transformer has to learn noise.
 
