@@ -1,5 +1,5 @@
-"""How much of a synthetic scene survives the image tokenizer: trains the tiny VQ-GAN with config
-overrides (or loads a trained one) and scores its reconstructions with synthetic.read_scene
+"""How much of a synthetic scene survives the image tokenizer: trains the tiny tokenizer of
+config.image_tokenizer (VQ-GAN by default) with config overrides (or loads a trained one) and scores its reconstructions with synthetic.read_scene
 (colour, shape, place and all three right), plus code usage, code entropy and `probe_color` /
 `probe_shape` (a linear classifier on each image's bag of codes, `code_probe`). T2I samples can at
 best match their prompts as often as the reconstructions do; a near-uniform code distribution on
@@ -26,16 +26,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import configs_util  # noqa: E402
 from magvlt_jax.data import synthetic  # noqa: E402
-from magvlt_jax.models import vqgan  # noqa: E402
+from magvlt_jax import image_tokenizers  # noqa: E402
 
 
 def score(config, vq_params, num_images: int, seed: int):
   """(scores dict, originals, reconstructions)."""
-  size = int(config.vqgan.image_size)
+  tok = image_tokenizers.get(config)
+  size = tok.image_size
   data = list(synthetic.examples(num_images, seed=seed, size=size))
   images = jnp.asarray(np.stack([img for _, img, _, _ in data]))
-  encode = jax.jit(lambda p, x: vqgan.encode(p, vqgan.to_model_range(x), config.vqgan))
-  decode = jax.jit(lambda p, z: vqgan.to_uint8(vqgan.decode(p, z, config.vqgan)))
+  encode, decode = jax.jit(tok.encode), jax.jit(tok.decode)
   codes = np.asarray(encode(vq_params, images))
   recon = np.asarray(decode(vq_params, jnp.asarray(codes)))
   out = synthetic.match_rates([list(s.objects) for _, _, _, s in data],
@@ -48,7 +48,7 @@ def score(config, vq_params, num_images: int, seed: int):
   probe_codes = np.concatenate([np.asarray(encode(vq_params, jnp.asarray(np.stack(
       [img for _, img, _, _ in probe_data[i:i + 100]])))) for i in range(0, len(probe_data), 100)])
   out.update(code_probe([s.objects[0] for _, _, _, s in probe_data], probe_codes,
-                        int(config.vqgan.codebook_size)))
+                        tok.vocab_size))
   return out, np.asarray(images), recon
 
 
@@ -87,15 +87,14 @@ def main():
   if args.tokenizer:
     tok_dir = args.tokenizer
   elif args.workdir:
-    from magvlt_jax.train import vqgan_trainer  # pylint: disable=import-outside-toplevel
     start = time.time()
-    vqgan_trainer.train_tokenizer(config, args.workdir)
+    image_tokenizers.get(config).train(config, args.workdir)
     train_s = time.time() - start
     tok_dir = os.path.join(args.workdir, "tokenizer")
   else:
     raise SystemExit("give --workdir (train) or --tokenizer (score only)")
-  result, images, recon = score(config, vqgan.load_params(tok_dir, config.vqgan), args.num_images,
-                                args.seed)
+  params = image_tokenizers.get(config).load_params(tok_dir)
+  result, images, recon = score(config, params, args.num_images, args.seed)
   result.update(train_s=train_s, overrides=args.overrides, tokenizer=tok_dir)
   print(json.dumps(result), flush=True)
   if args.grid:

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import checkpoints  # noqa: E402
+from magvlt_jax import image_tokenizers  # noqa: E402
 from magvlt_jax import configs_util  # noqa: E402
 from magvlt_jax import sampler  # noqa: E402
 from magvlt_jax import sequence as seq  # noqa: E402
@@ -44,7 +45,7 @@ def teacher_forced_i2t(setup, params, batch, tokenizer) -> dict:
   """{'forced_i2t_color', ...}: accuracy of the attribute word with only that word masked."""
   config = setup.config
   layout = seq.layout_from_config(config, seq.Task.I2T)
-  codes = setup.objective.encode_fn(setup.vq_params, jnp.asarray(batch["image"]))
+  codes = setup.image_tokenizer.encode(setup.tokenizer_params, jnp.asarray(batch["image"]))
   text, length = np.asarray(batch["text"]), np.asarray(batch["text_length"])
   rows = np.arange(len(text))
 
@@ -87,7 +88,8 @@ def main(argv=None):
   for item in args.overrides:
     configs_util.apply_override(config, item)
   tokenizer = text_lib.get_or_train_tokenizer(config, args.workdir)
-  setup = trainer.Setup(config, args.workdir, tokenizer, trainer.tokenizer_params(config, args.workdir))
+  setup = trainer.Setup(config, args.workdir, tokenizer,
+                        image_tokenizers.params_for_run(config, args.workdir))
   store = checkpoints.CheckpointStore(os.path.join(args.workdir, "checkpoints"))
   step = store.latest_step() if args.step < 0 else args.step
   if step is None:
@@ -98,9 +100,9 @@ def main(argv=None):
                                                   batch_size=args.num)))
   t2i, i2t = samples.sample_fns(setup)
   k1, k2 = jax.random.split(jax.random.key(args.seed))
-  images = np.asarray(t2i(state.params, setup.vq_params, jnp.asarray(batch["text"]),
+  images = np.asarray(t2i(state.params, setup.tokenizer_params, jnp.asarray(batch["text"]),
                           jnp.asarray(batch["text_length"]), k1))
-  text_ids, recon = i2t(state.params, setup.vq_params, jnp.asarray(batch["image"]), k2)
+  text_ids, recon = i2t(state.params, setup.tokenizer_params, jnp.asarray(batch["image"]), k2)
   scores = samples.synthetic_scores(tokenizer.decode(batch["text"]),
                                     tokenizer.decode(np.asarray(text_ids)), images, np.asarray(recon))
   scores.update(teacher_forced_i2t(setup, state.params, batch, tokenizer))

@@ -38,6 +38,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.seed = 0
+  # The registry entries this system is made of (DESIGN.md, "Several systems, one codebase").
+  c.objective = "magvlt"  # magvlt_jax/objectives/
+  c.image_tokenizer = "vqgan"  # magvlt_jax/image_tokenizers/; its settings: config.vqgan
 
   # --- image tokenizer (VQ-GAN); its codebook and grid fix the image side of the sequence.
   c.vqgan = _vqgan_config("tiny" if tiny else "f16_16384")
@@ -158,6 +161,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- decoding (SPEC section 5)
   c.decoding = ml_collections.ConfigDict()
+  c.decoding.kind = "masked"  # magvlt_jax/decoders.py: masked iterative decoding
   c.decoding.order = "maskgit"  # maskgit | mask_predict | random | raster
   c.decoding.t2i_steps = 10
   c.decoding.image_temperature = (1.4, 0.6)

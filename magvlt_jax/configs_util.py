@@ -5,10 +5,8 @@ Every error names the offending key and what to change, e.g.
 """
 import ast
 import importlib.util
-import math
 import os
 
-from magvlt_jax import masking
 from magvlt_jax.models.layers import ATTENTION_IMPLS, DTYPE_NAMES as DTYPES
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +100,8 @@ def _validate_model(config):
   _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
 
 
-def _validate_vqgan(config):
+def validate_vqgan(config):
+  """config.vqgan (called by the vqgan image tokenizer's validate)."""
   v = config.vqgan
   _one_of(config, "vqgan.dtype", DTYPES)
   _one_of(config, "vqgan.param_dtype", DTYPES)
@@ -123,18 +122,30 @@ def _validate_vqgan(config):
     _one_of(config, "vqgan.norm_type", ("group", "layer"))
 
 
+def _validate_image_tokenizer(config):
+  """The tokenizer's own section, then the transformer's image side against its grid and codes."""
+  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+  tok = image_tokenizers.get(config)
+  tok.validate(config)
+  s, kind = config.sequence, tok.kind
+  rows, cols = tok.grid
+  if s.image_tokens != tok.num_tokens:
+    _fail("sequence.image_tokens", s.image_tokens,
+          f"does not match the {kind} code grid {rows}x{cols} of config.{kind} "
+          f"(config.image_tokenizer={kind!r})", f"set it to {tok.num_tokens}")
+  if s.image_vocab_size != tok.vocab_size:
+    _fail("sequence.image_vocab_size", s.image_vocab_size,
+          f"differs from the {kind} vocabulary size {tok.vocab_size} (config.{kind})",
+          "set it to the tokenizer's codebook size")
+  if config.data.image_size != tok.image_size:
+    _fail("data.image_size", config.data.image_size,
+          f"differs from config.{kind}.image_size={tok.image_size}", "set both to the same size")
+
+
 def _validate_sequence(config):
-  s, v, m = config.sequence, config.vqgan, config.model
+  s, m = config.sequence, config.model
   for key in ("text_length", "image_tokens", "image_vocab_size", "text_vocab_size"):
     _positive(config, f"sequence.{key}")
-  grid = v.image_size // 2 ** (len(v.channel_mult) - 1)
-  if s.image_tokens != grid * grid:
-    _fail("sequence.image_tokens", s.image_tokens,
-          f"does not match the VQ-GAN code grid {grid}x{grid} (vqgan.image_size={v.image_size}, "
-          f"vqgan.channel_mult={tuple(v.channel_mult)})", f"set it to {grid * grid}")
-  if s.image_vocab_size != v.codebook_size:
-    _fail("sequence.image_vocab_size", s.image_vocab_size,
-          f"differs from vqgan.codebook_size={v.codebook_size}", "set both to the codebook size")
   if s.text_length != m.length_classes:
     _fail("sequence.text_length", s.text_length,
           f"differs from model.length_classes={m.length_classes} (the length head predicts 1..text_length)",
@@ -148,18 +159,9 @@ def _validate_sequence(config):
 
 
 def _validate_train(config):
-  t = config.train
-  weights = tuple(t.task_weights)
-  if len(weights) != 3:
-    _fail("train.task_weights", weights, "must have 3 entries (T2I, I2T, IT2IT)", "e.g. (8, 1, 1)")
-  if any((not math.isfinite(w)) or w < 0 for w in weights) or sum(weights) <= 0:
-    _fail("train.task_weights", weights, "must be non-negative with a positive sum", "e.g. (8, 1, 1)")
-  _one_of(config, "train.image_mask_schedule", masking.SCHEDULES)
-  _one_of(config, "train.text_mask_schedule", masking.SCHEDULES)
-  if not 0.0 <= t.label_smoothing < 1.0:
-    _fail("train.label_smoothing", t.label_smoothing, "must be in [0, 1)", "use 0.1 or 0.0")
-  for key in ("length_loss_weight", "mixsel_weight"):
-    _positive(config, f"train.{key}", allow_zero=True)
+  """The loop and optimizer; the objective checks its own train.* keys."""
+  from magvlt_jax import objectives  # pylint: disable=import-outside-toplevel
+  objectives.validate_config(config)
   for key in ("num_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
               "max_nonfinite_in_row"):
     _positive(config, f"train.{key}")
@@ -182,13 +184,12 @@ def _validate_data(config):
   for key in ("global_batch_size", "eval_batch_size"):
     _positive(config, f"data.{key}")
   _positive(config, "data.num_workers", allow_zero=True)
-  if d.image_size != config.vqgan.image_size:
-    _fail("data.image_size", d.image_size, f"differs from vqgan.image_size={config.vqgan.image_size}",
-          "set both to the same size")
 
 
 def _validate_decoding_and_mesh(config):
   dec = config.decoding
+  from magvlt_jax import decoders  # pylint: disable=import-outside-toplevel
+  decoders.kind_of(config)
   _one_of(config, "decoding.order", DECODING_ORDERS)
   _one_of(config, "decoding.rerank", RERANKERS)
   for key in ("t2i_steps", "i2t_steps", "text_top_k", "num_image_candidates", "num_text_candidates"):
@@ -230,8 +231,8 @@ def validate_config(config):
   Returns the config unchanged so it can be chained: `config = validate_config(load_config(...))`.
   """
   _validate_model(config)
-  _validate_vqgan(config)
   _validate_sequence(config)
+  _validate_image_tokenizer(config)
   _validate_train(config)
   _validate_data(config)
   _validate_decoding_and_mesh(config)

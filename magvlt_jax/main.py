@@ -38,9 +38,9 @@ def run(config, workdir: str, mode: str):
     return trainer.train_and_evaluate(config, workdir)
   if mode == "train_tokenizer":
     from magvlt_jax import checkpoints  # pylint: disable=import-outside-toplevel
-    from magvlt_jax.train import vqgan_trainer  # pylint: disable=import-outside-toplevel
+    from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
     checkpoints.save_config(workdir, config)
-    return vqgan_trainer.train_tokenizer(config, workdir)
+    return image_tokenizers.get(config).train(config, workdir)
   if mode == "sample":
     from magvlt_jax import sample_job  # pylint: disable=import-outside-toplevel
     return sample_job.run(config, workdir)

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from magvlt_jax import decoding, rerank, sampler_tasks, sequence
+from magvlt_jax import decoders, image_tokenizers, rerank, sampler_tasks
 from magvlt_jax import text as text_lib
-from magvlt_jax.models import transformer, vqgan
+from magvlt_jax.models import transformer
 
 
 # Module-wide cache of jitted functions and how often each kind was traced (compiled).
@@ -28,12 +28,7 @@ _JITTED = {}
 TRACE_COUNTS = collections.Counter()
 
 
-def model_logits_fn(model, params):
-  """decoding's logits_fn for a VLTransformer and its params (deterministic: no dropout)."""
-  def logits_fn(inputs, attn_mask, *, layout, outputs):
-    return model.apply({"params": params}, inputs, attn_mask, layout=layout, deterministic=True,
-                       outputs=tuple(outputs))
-  return logits_fn
+model_logits_fn = decoders.model_logits_fn
 
 
 def prepare_image(image, size: int) -> np.ndarray:
@@ -69,33 +64,37 @@ def _chunk_size(n: int, max_batch: int) -> int:
 class Sampler:
   """Sampling from MAGVLT params; see the module docstring."""
 
-  def __init__(self, config, params, vq_params, text_tokenizer, *, max_batch=None):
+  def __init__(self, config, params, tokenizer_params, text_tokenizer, *, max_batch=None):
     self.config = config
     self.params = params
-    self.vq_params = vq_params
+    self.tokenizer_params = tokenizer_params
     self.tokenizer = text_tokenizer
+    self.image_tokenizer = image_tokenizers.get(config)
     self.model = transformer.from_config(config)
+    self.decoder = decoders.create(config, self.model, eos_id=text_tokenizer.eos_id,
+                                   vocab_limit=text_tokenizer.vocab_size)
     self.n_txt = int(config.sequence.text_length)
     self.n_img = int(config.sequence.image_tokens)
-    self.image_size = int(config.vqgan.image_size)
-    grid = vqgan.latent_grid(config.vqgan)
-    if grid * grid != self.n_img:
-      raise ValueError(f"config.sequence.image_tokens={self.n_img} does not match the VQGAN grid "
-                       f"{grid}x{grid} of config.vqgan")
+    self.image_size = self.image_tokenizer.image_size
+    if self.image_tokenizer.num_tokens != self.n_img:
+      raise ValueError(f"config.sequence.image_tokens={self.n_img} does not match the "
+                       f"{self.image_tokenizer.kind} grid {self.image_tokenizer.grid} of "
+                       f"config.{self.image_tokenizer.kind}")
     d = config.decoding
     self.max_batch = int(max_batch or max(config.sample.batch_size, d.num_image_candidates,
                                           d.num_text_candidates))
     self.reranker = rerank.resolve(config)
     self.trace_counts = TRACE_COUNTS
     # Everything the compiled programs depend on besides their static specs.
-    self._config_key = json.dumps({k: config[k].to_dict() for k in ("model", "sequence", "vqgan")},
+    sections = ("model", "sequence", self.image_tokenizer.kind)
+    self._config_key = json.dumps({k: config[k].to_dict() for k in sections},
                                   sort_keys=True, default=str)
 
   # ------------------------------------------------------------------ construction
   @classmethod
   def from_checkpoint(cls, workdir_or_path: str, config=None, step=None, **kwargs) -> "Sampler":
     """Loads WORKDIR/config.json (unless `config`), the transformer params (latest step, or
-    `step` / config.sample.checkpoint_step), the VQGAN (config.vqgan.checkpoint or
+    `step` / config.sample.checkpoint_step), the image tokenizer (config.<kind>.checkpoint or
     WORKDIR/tokenizer) and the text tokenizer (config.text.spm_model or WORKDIR/text/spm.model)."""
     from magvlt_jax import checkpoints  # orbax only when loading
     path = os.path.abspath(workdir_or_path)
@@ -108,68 +107,40 @@ class Sampler:
     if step is None:
       step = int(config.sample.get("checkpoint_step", -1))
     params = checkpoints.load_params(path, step=step, abstract=transformer.param_shapes(config))
-    vq_params = vqgan.load_params(config.vqgan.checkpoint or workdir, config.vqgan)
+    image_tok = image_tokenizers.get(config)
+    tok_params = image_tok.load_params(image_tok.cfg.get("checkpoint", "") or workdir)
     tok = text_lib.TextTokenizer.load(text_lib.spm_model_path(config, workdir))
-    return cls(config, params, vq_params, tok, **kwargs)
+    return cls(config, params, tok_params, tok, **kwargs)
 
   # ------------------------------------------------------------------ jitted pieces
-  def _jit(self, key, build):
-    """The jitted function cached under `key` (module-wide: a new Sampler of the same config
-    reuses compiled programs); build() -> python function, traced on first call per shape."""
-    key = (key[0], self._config_key) + tuple(key[1:])
+  def _jit(self, key, fn):
+    """jax.jit(fn) cached under `key` (module-wide: a new Sampler of the same config reuses
+    compiled programs); traced on first call per shape."""
+    name = key[1]  # keys are (kind, name, ...)
+    key = (key, self._config_key)
     if key not in _JITTED:
-      f = build()
 
       def counted(*args):
-        TRACE_COUNTS[key[0]] += 1  # runs only while tracing
-        return f(*args)
+        TRACE_COUNTS[name] += 1  # runs only while tracing
+        return fn(*args)
       _JITTED[key] = jax.jit(counted)
     return _JITTED[key]
 
-  def _decoder(self, task, guidance: bool, text_temperature=None):
-    spec = decoding.spec_from_config(self.config, task, guidance=guidance,
-                                     eos_id=self.tokenizer.eos_id,
-                                     vocab_limit=self.tokenizer.vocab_size,
-                                     text_temperature=text_temperature)
-    task_fn = {"t2i": decoding.text_to_image, "inpaint": decoding.inpaint,
-               "i2t": decoding.image_to_text, "infill": decoding.infill}[task]
-    model = self.model
-
-    def build():
-      def run(params, key, scale, *arrays):
-        out = task_fn(model_logits_fn(model, params), spec, key, *arrays, guidance_scale=scale)
-        return out.replace(history=None)
-      return run
-    return self._jit((task, spec), build)
+  def _decoder(self, task, guidance: bool = False, text_temperature=None):
+    """Jitted fn(params, rng, scale, *arrays) -> DecodeOutput of the config's decoder."""
+    return self._jit(*self.decoder.task_fn(task, guidance=guidance,
+                                           text_temperature=text_temperature))
 
   def _fn(self, name):
-    """Jitted VQGAN / reranking / unconditional helpers."""
-    cfg, model = self.config, self.model
-    img_vocab = int(cfg.sequence.image_vocab_size)
-    n_txt, n_img = self.n_txt, self.n_img
-    extra = ()
+    """Jitted image-tokenizer and likelihood-reranking helpers."""
+    tok = self.image_tokenizer
     if name == "encode":
-      build = lambda: lambda p, x: vqgan.encode(p, vqgan.to_model_range(x), cfg.vqgan)
-    elif name == "decode_pixels":
-      build = lambda: lambda p, c: vqgan.to_uint8(vqgan.decode(p, c, cfg.vqgan))
-    elif name in ("image_loglik", "text_loglik"):
-      task = sequence.Task.T2I if name == "image_loglik" else sequence.Task.I2T
-      layout = sequence.make_layout(task, n_txt, n_img)
-      score = getattr(rerank, name)
-      passes = int(cfg.decoding.get("rerank_passes", 4))
-      extra = (passes,)
-      build = lambda: lambda p, c, t, l: score(model_logits_fn(model, p), layout, img_vocab, c, t,
-                                               l, num_passes=passes)
-    elif name == "uncond":
-      spec = decoding.spec_from_config(cfg, "uncond", eos_id=self.tokenizer.eos_id,
-                                       vocab_limit=self.tokenizer.vocab_size)
-      length_range = tuple(int(v) for v in cfg.decoding.uncond_text_length)
-      extra = (spec, length_range)
-      build = lambda: lambda p, k, b: decoding.generate(
-          model_logits_fn(model, p), spec, k, b.shape[0], length_range).replace(history=None)
-    else:
-      raise KeyError(name)
-    return self._jit((name,) + extra, build)
+      return self._jit(("tokenizer", "encode"), tok.encode)
+    if name == "decode_pixels":
+      return self._jit(("tokenizer", "decode"), tok.decode)
+    if name in ("image_loglik", "text_loglik"):
+      return self._jit(*self.decoder.loglik_fn(name.split("_")[0]))
+    raise KeyError(name)
 
   def _chunked(self, fn, arrays, key=None):
     """Runs fn(*chunk) (fn(key_i, *chunk) with a key) over row chunks of power-of-two size,
@@ -205,17 +176,17 @@ class Sampler:
     return np.stack([prepare_image(im, self.image_size) for im in sampler_tasks.as_list(images)])
 
   def encode_images(self, images) -> np.ndarray:
-    """-> int32 VQGAN codes [B, n_img]."""
+    """-> int32 image tokenizer codes [B, n_img]."""
     enc = self._fn("encode")
-    return self._chunked(lambda x: enc(self.vq_params, x), [self.prepare_images(images)])
+    return self._chunked(lambda x: enc(self.tokenizer_params, x), [self.prepare_images(images)])
 
   def decode_codes(self, codes) -> np.ndarray:
     """int codes [B, n_img] -> uint8 images [B, S, S, 3]."""
     dec = self._fn("decode_pixels")
-    return self._chunked(lambda c: dec(self.vq_params, c), [np.asarray(codes, np.int32)])
+    return self._chunked(lambda c: dec(self.tokenizer_params, c), [np.asarray(codes, np.int32)])
 
   def reconstruct(self, images) -> np.ndarray:
-    """VQGAN round trip (uint8 in, uint8 out)."""
+    """Image tokenizer round trip (uint8 in, uint8 out)."""
     return self.decode_codes(self.encode_images(images))
 
   def _key(self, seed, key):

@@ -203,8 +203,9 @@ def infill(self, images, captions, span=None, seed=0, *, key=None, n=None, guida
 
 def generate(self, n, seed=0, *, key=None):
   """Unconditional generation: n (PIL image, caption) pairs."""
-  fn = self._fn("uncond")
-  out = self._chunked(lambda k, b: fn(self.params, k, b), [np.zeros((int(n), 1), np.int32)],
+  fn = self._decoder("uncond")
+  out = self._chunked(lambda k, b: fn(self.params, k, np.float32(0.0), b),
+                      [np.zeros((int(n), 1), np.int32)],
                       key=self._key(seed, key))
   pixels = self.decode_codes(out.image_codes)
   return list(zip(_to_pil(pixels), self.tokenizer.decode(out.text_ids)))

@@ -77,7 +77,7 @@ def sharded_run(config, strategy, sizes, batch, vq_params, key):
   """One sharded train step; returns (initial state, new state, metrics, shardings)."""
   mesh = parallel.make_mesh(mesh_config(sizes, strategy))
   rules = parallel.logical_rules(strategy)
-  init_state, train_step, metrics0 = aot_compile.train_parts(config)
+  init_state, train_step, metrics0, _ = aot_compile.train_parts(config)
   abstract = parallel.abstract_state(init_state, jax.random.key(0), rules=rules)
   shardings = parallel.state_shardings(abstract, mesh, rules)
   state = parallel.init_sharded(init_state, shardings, mesh, rules)(jax.random.key(0))
@@ -102,7 +102,7 @@ def main(ckpt_dir):
   batch = make_batch(config, 8)
   key = jax.random.key(42)
   vq_params = vqgan.init_params(config.vqgan, jax.random.key(1))
-  init_state, train_step, metrics0 = aot_compile.train_parts(config)
+  init_state, train_step, metrics0, _ = aot_compile.train_parts(config)
   # Reference: the plain single-device step.
   ref_state = jax.jit(lambda r: parallel.nn.meta.unbox(init_state(r)))(jax.random.key(0))
   ref_new, ref_metrics = jax.jit(train_step)(ref_state, batch, vq_params, key, metrics0)

@@ -8,7 +8,7 @@ import pytest
 
 from magvlt_jax import configs_util
 from magvlt_jax import masking
-from magvlt_jax import objectives
+from magvlt_jax.objectives import magvlt as objectives
 from magvlt_jax import sequence as seq
 from magvlt_jax.models import transformer
 
@@ -54,7 +54,7 @@ def _objective(**train_overrides):
   c = _config()
   for k, v in train_overrides.items():
     c.train[k] = v
-  return c, objectives.Objective(c, transformer.from_config(c), _encode, EOS, SEP)
+  return c, objectives.MagvltObjective(c, transformer.from_config(c), _encode, EOS, SEP)
 
 
 def test_join_captions_layout():

@@ -111,7 +111,7 @@ def test_sigterm_saves_and_nonfinite_guard_stops(tmp_path):
   # A NaN param makes the loss NaN: the update is skipped (params kept) and counted.
   good = jax.device_get(state.params)
   bad = state.replace(params=dict(state.params, output_bias=state.params["output_bias"] * jnp.nan))
-  new, metrics = setup.step_fn(bad, setup.global_batch(batch), setup.vq_params, setup.base_rng(1),
+  new, metrics = setup.step_fn(bad, setup.global_batch(batch), setup.tokenizer_params, setup.base_rng(1),
                                setup.empty_metrics())
   assert int(new.step) == 3 and int(new.nonfinite_in_row) == 1 and int(new.nonfinite_total) == 1
   np.testing.assert_array_equal(np.asarray(new.params["pos_img"]), good["pos_img"])

@@ -25,11 +25,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from magvlt_jax import decoding, objectives, parallel
-from magvlt_jax.models import transformer, vqgan
+from magvlt_jax import decoders, image_tokenizers, objectives, parallel
+from magvlt_jax.models import transformer
 from magvlt_jax.train import optimizer as optimizer_lib
 from magvlt_jax.train import steps as steps_lib
-from magvlt_jax.train import trainer
 from magvlt_jax.train.train_state import TrainState
 
 # Cloud name -> (libtpu topology, chip config, HBM GiB per chip, peak bf16 TFLOP/s per chip).
@@ -128,33 +127,44 @@ def _abstract(shape_dtype, sharding):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TextIds:
+  """The text-tokenizer ids an objective needs, without a tokenizer file (AOT compiles only)."""
+  eos_id: int = 1
+  sep_id: int = 2
+
+
 def train_parts(config, eos_id: int = 1, sep_id: int = 2):
-  """(init_state(rng) -> boxed TrainState, the trainer's train_step(state, batch, vq_params, rng,
-  metrics), initial metrics): the pieces train/trainer.py's Setup assembles, without its I/O."""
+  """(init_state(rng) -> boxed TrainState, the trainer's train_step(state, batch, tokenizer_params,
+  rng, metrics), initial metrics, objective): the pieces train/trainer.py's Setup assembles,
+  without its I/O."""
   tx = optimizer_lib.make_optimizer(config)
-  objective = objectives.Objective(config, transformer.from_config(config),
-                                   trainer.make_encode_fn(config), eos_id, sep_id)
+  objective = objectives.create(config, transformer.from_config(config),
+                                image_tokenizers.get(config), _TextIds(eos_id, sep_id))
   step = functools.partial(steps_lib.train_step, objective=objective, tx=tx,
                            schedule=optimizer_lib.learning_rate_schedule(config))
 
   def init_state(rng):
     return TrainState.create(transformer.init_params(config, rng, boxed=True), tx)
-  return init_state, step, steps_lib.empty_metrics()
+  return init_state, step, steps_lib.empty_metrics(objective), objective
 
 
 def build_train(config, mesh, rules, global_batch: int):
-  """(ShardedFunction, abstract args) of the trainer's train step (VQ-GAN encode inside)."""
+  """(ShardedFunction, abstract args) of the trainer's train step (image tokenizer encode
+  inside)."""
   parallel.check_aux_batch(global_batch, int(config.train.get("aux_batch_stride", 1)), mesh, rules)
-  init_state, train_step, metrics = train_parts(config)
+  init_state, train_step, metrics, objective = train_parts(config)
   state_abs = parallel.abstract_state(init_state, jax.random.key(0), rules=rules)
   state_sh = parallel.state_shardings(state_abs, mesh, rules)
-  vq_abs = parallel.abstract_state(lambda: vqgan.init_params(config.vqgan, jax.random.key(0),
-                                                             boxed=True), rules=rules)
+  image_tok = image_tokenizers.get(config)
+  vq_abs = parallel.abstract_state(lambda: image_tok.init_params(jax.random.key(0), boxed=True),
+                                   rules=rules)
   vq_sh = parallel.state_shardings(vq_abs, mesh, rules)
   batch_sh, rep = parallel.batch_sharding(mesh, rules), parallel.replicated(mesh)
   fn = parallel.jit_train_step(train_step, state_sh, batch_sh, mesh=mesh, rules=rules,
                                extra_in_shardings=(vq_sh, rep, rep))
-  batch = {k: _abstract(v, batch_sh) for k, v in _batch_spec(config, global_batch).items()}
+  batch = {k: _abstract(v, batch_sh) for k, v in _batch_spec(config, global_batch).items()
+           if k in objective.batch_keys}
   metrics_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                              metrics)
   args = (parallel.abstract_with_shardings(state_abs, state_sh), batch,
@@ -164,17 +174,13 @@ def build_train(config, mesh, rules, global_batch: int):
 
 
 def build_t2i(config, mesh, rules, global_batch: int):
-  """(ShardedFunction, abstract args) of the T2I decoding loop (decoding.text_to_image)."""
+  """(ShardedFunction, abstract args) of the T2I decoding loop of the config's decoder."""
   model = transformer.from_config(config)
-  spec = decoding.spec_from_config(config, "t2i", eos_id=1)
   scale = float(config.decoding.guidance_scale)
+  _, t2i = decoders.create(config, model, eos_id=1).task_fn("t2i", guidance=scale != 0.0)
 
   def sample(params, key, text_ids, text_length):
-    def logits_fn(inputs, attn_mask, *, layout, outputs):
-      return model.apply({"params": params}, inputs, attn_mask, layout=layout,
-                         deterministic=True, outputs=outputs)
-    return decoding.text_to_image(logits_fn, spec, key, text_ids, text_length,
-                                  guidance_scale=scale)
+    return t2i(params, key, jnp.float32(scale), text_ids, text_length)
 
   params_abs = parallel.abstract_state(lambda: transformer.param_shapes(config, boxed=True),
                                        rules=rules)

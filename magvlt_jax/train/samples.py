@@ -9,33 +9,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magvlt_jax import decoding
-from magvlt_jax import sampler
-from magvlt_jax.models import vqgan
+from magvlt_jax import decoders
 
 
 def sample_fns(setup):
-  """Jitted (params, vq_params, ..., key) -> outputs; built once per Setup."""
+  """Jitted (params, tokenizer_params, ..., key) -> outputs through the config's decoder and
+  image tokenizer; built once per Setup."""
   fns = getattr(setup, "_sample_fns", None)
   if fns is not None:
     return fns
-  config, model, tok = setup.config, setup.model, setup.text_tokenizer
-  t2i_spec = decoding.spec_from_config(config, "t2i", eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  i2t_spec = decoding.spec_from_config(config, "i2t", eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
-  encode = setup.objective.encode_fn
+  tok, image_tok = setup.text_tokenizer, setup.image_tokenizer
+  decoder = decoders.create(setup.config, setup.model, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+  _, t2i_fn = decoder.task_fn("t2i")
+  _, i2t_fn = decoder.task_fn("i2t")
+  no_guidance = jnp.float32(0.0)
 
   @jax.jit
-  def t2i(params, vq_params, text, text_length, key):
-    logits_fn = sampler.model_logits_fn(model, params)
-    out = decoding.text_to_image(logits_fn, t2i_spec, key, text, text_length)
-    return vqgan.to_uint8(vqgan.decode(vq_params, out.image_codes, config.vqgan))
+  def t2i(params, tok_params, text, text_length, key):
+    out = t2i_fn(params, key, no_guidance, text, text_length)
+    return image_tok.decode(tok_params, out.image_codes)
 
   @jax.jit
-  def i2t(params, vq_params, images, key):
-    codes = encode(vq_params, images)
-    out = decoding.image_to_text(sampler.model_logits_fn(model, params), i2t_spec, key, codes)
-    recon = vqgan.to_uint8(vqgan.decode(vq_params, codes, config.vqgan))
-    return out.text_ids, recon
+  def i2t(params, tok_params, images, key):
+    codes = image_tok.encode(tok_params, images)
+    out = i2t_fn(params, key, no_guidance, codes)
+    return out.text_ids, image_tok.decode(tok_params, codes)
 
   setup._sample_fns = (t2i, i2t)  # pylint: disable=protected-access
   return setup._sample_fns  # pylint: disable=protected-access
@@ -81,9 +79,9 @@ def write_samples(config, workdir, setup, params, tokenizer, step: int, writer, 
   t2i, i2t = sample_fns(setup)
   key = jax.random.key(int(config.seed) + 7)
   k1, k2 = jax.random.split(key)
-  images = np.asarray(jax.device_get(t2i(params, setup.vq_params, jnp.asarray(batch["text"]),
+  images = np.asarray(jax.device_get(t2i(params, setup.tokenizer_params, jnp.asarray(batch["text"]),
                                           jnp.asarray(batch["text_length"]), k1)))
-  text_ids, recon = jax.device_get(i2t(params, setup.vq_params, jnp.asarray(batch["image"]), k2))
+  text_ids, recon = jax.device_get(i2t(params, setup.tokenizer_params, jnp.asarray(batch["image"]), k2))
   prompts = tokenizer.decode(batch["text"])
   captions = tokenizer.decode(np.asarray(text_ids))
   result = {"prompts": prompts, "captions": captions, "images": images}

@@ -1,88 +1,57 @@
-"""The jitted transformer train step and its clu metrics.
+"""The jitted transformer train step and its clu metrics, for any objective.
 
-`train_step(state, batch, vq_params, rng, metrics) -> (state, metrics)`:
-  - the loss is objectives.Objective.loss_fn (one lax.switch over the tasks: one program);
+`train_step(state, batch, tokenizer_params, rng, metrics) -> (state, metrics)`:
+  - the loss is the config's objective (objectives.create; MAGVLT: one lax.switch over the
+    tasks, one program);
   - a non-finite loss or gradient norm skips the update (params and optimizer state are kept,
     `nonfinite_in_row` / `nonfinite_total` count it; the host stops the run after
     config.train.max_nonfinite_in_row in a row);
   - `state.step` counts batches consumed (skipped ones too), so it always equals the data
     iterator position; the LR schedule follows optax's own count of applied updates;
-  - metrics are clu `Average`s merged under jit into the running collection passed in (reset by
-    the host after each log line); an Average with count 0 (e.g. no I2T batch in a window) is
-    left out of the log.
+  - metrics are clu `Average`s (the generic loss / grad norm / LR / non-finite fields plus the
+    objective's own) merged under jit into the running collection passed in (reset by the host
+    after each log line); an Average with count 0 (e.g. no I2T batch in a window) is left out of
+    the log.
 """
+import functools
 from typing import Dict
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from clu import metrics as clu_metrics
 
-from magvlt_jax import objectives
-from magvlt_jax.sequence import Task
+from magvlt_jax.objectives import common
 
-BATCH_KEYS = ("image", "image_lr", "image_tb", "text", "text_length")
-
-
-def _metric(value: str, weight: str = None):
-  """An Average of aux[value] weighted by aux[weight] (0/1 selector or a count).
-
-  With a count weight the value is a sum (e.g. correct predictions), so the Average is a ratio.
-  """
-  @flax.struct.dataclass
-  class _Metric(clu_metrics.Average):
-
-    @classmethod
-    def from_model_output(cls, **aux):
-      w = jnp.asarray(aux[weight] if weight else 1.0, jnp.float32)
-      v = jnp.asarray(aux[value], jnp.float32)
-      total = v if weight and weight.endswith("_count") else v * w
-      return cls(total=total.astype(jnp.float32), count=jnp.round(w).astype(jnp.int32))
-  return _Metric
+# Fields every objective's metrics share; the objective adds its own (Objective.metric_fields).
+_GENERIC_FIELDS = {
+    "loss": common.average("loss"),
+    "grad_norm": common.average("grad_norm", "finite"),
+    "learning_rate": common.average("learning_rate"),
+    "nonfinite": common.average("nonfinite"),
+}
 
 
-_TASK_NAMES = {Task.T2I: "t2i", Task.I2T: "i2t", Task.IT2IT: "it2it"}
+@functools.lru_cache(maxsize=None)
+def _collection(fields_key):
+  fields = dict(_GENERIC_FIELDS)
+  for name, metric in fields_key:
+    fields[name] = metric
+  return clu_metrics.Collection.create(**fields)
 
 
-def _metric_fields() -> Dict[str, type]:
-  fields = {
-      "loss": _metric("loss"),
-      "unroll_loss": _metric("unroll_loss", "has_unroll"),
-      "mixsel_loss": _metric("mixsel_loss", "has_mixsel"),
-      "length_loss": _metric("length_loss", "has_length"),
-      "image_accuracy": _metric("image_correct", "image_count"),
-      "text_accuracy": _metric("text_correct", "text_count"),
-      "length_accuracy": _metric("length_correct", "length_count"),
-      "grad_norm": _metric("grad_norm", "finite"),
-      "learning_rate": _metric("learning_rate"),
-      "nonfinite": _metric("nonfinite"),
-  }
-  for task, name in _TASK_NAMES.items():
-    fields[f"loss_{name}"] = _metric("loss", f"is_{name}")
-    fields[f"task_loss_{name}"] = _metric("task_loss", f"is_{name}")
-    fields[f"frac_{name}"] = _metric(f"is_{name}")
-  return fields
+def metrics_class(objective):
+  """The clu Collection of the generic fields plus `objective.metric_fields()` (cached per
+  objective, so the class identity is stable across calls and never retraces the step)."""
+  cached = getattr(objective, "_metrics_class", None)
+  if cached is None:
+    cached = _collection(tuple(sorted(objective.metric_fields().items())))
+    objective._metrics_class = cached  # pylint: disable=protected-access
+  return cached
 
 
-TrainMetrics = clu_metrics.Collection.create(**_metric_fields())
-
-
-def empty_metrics():
-  return TrainMetrics.empty()
-
-
-def _aux_for_metrics(aux, objective, grad_norm, finite, learning_rate):
-  task = aux["task"]
-  out = dict(aux, grad_norm=jnp.where(finite, grad_norm, 0.0), finite=finite.astype(jnp.float32),
-             nonfinite=1.0 - finite.astype(jnp.float32), learning_rate=learning_rate)
-  for t, name in _TASK_NAMES.items():
-    out[f"is_{name}"] = (task == int(t)).astype(jnp.float32)
-  unroll_tasks = (task == int(Task.T2I)) | (task == int(Task.I2T))
-  out["has_unroll"] = (unroll_tasks & objective.use_unroll).astype(jnp.float32)
-  out["has_mixsel"] = jnp.float32(objective.use_mixsel)
-  out["has_length"] = (task != int(Task.T2I)).astype(jnp.float32)
-  return out
+def empty_metrics(objective):
+  return metrics_class(objective).empty()
 
 
 def compute_metrics(collection) -> Dict[str, float]:
@@ -95,13 +64,13 @@ def compute_metrics(collection) -> Dict[str, float]:
   return out
 
 
-def train_step(state, batch, vq_params, rng, metrics, *, objective: objectives.Objective,
+def train_step(state, batch, tok_params, rng, metrics, *, objective: common.Objective,
                tx: optax.GradientTransformation, schedule):
   """One optimizer step (see the module docstring). rng: the run's base key."""
   rng = jax.random.fold_in(rng, state.step)
-  batch = {k: batch[k] for k in BATCH_KEYS}
+  batch = {k: batch[k] for k in objective.batch_keys}
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, vq_params, batch, rng)
+  (loss, aux), grads = grad_fn(state.params, tok_params, batch, rng)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zeroed grads keep NaNs out of the (discarded) update maths.
@@ -116,8 +85,10 @@ def train_step(state, batch, vq_params, rng, metrics, *, objective: objectives.O
       opt_state=keep(opt_state, state.opt_state),
       nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1).astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)).astype(jnp.int32))
-  aux = _aux_for_metrics(aux, objective, grad_norm, finite, schedule(applied))
-  metrics = metrics.merge(TrainMetrics.single_from_model_output(**aux))
+  inputs = dict(objective.metric_inputs(aux), grad_norm=jnp.where(finite, grad_norm, 0.0),
+                finite=finite.astype(jnp.float32), nonfinite=1.0 - finite.astype(jnp.float32),
+                learning_rate=schedule(applied))
+  metrics = metrics.merge(metrics_class(objective).single_from_model_output(**inputs))
   return new_state, metrics
 
 

@@ -1,7 +1,8 @@
 """The transformer training loop: `train_and_evaluate(config, workdir)`.
 
-Order: validate the config; WORKDIR/config.json; the image tokenizer (trained first into
-WORKDIR/tokenizer when config.vqgan.checkpoint is empty and none was exported there); the text
+Order: validate the config; WORKDIR/config.json; the image tokenizer of config.image_tokenizer
+(trained first into WORKDIR/tokenizer when config.<kind>.checkpoint is empty and none was
+exported there); the text
 tokenizer; the mesh; the train state (restored from the latest checkpoint with the data-iterator
 state, or initialised sharded); then the loop: jitted step, logging (per-task losses, masked
 accuracies, LR, steps/s, ETA) every config.train.log_every, checkpoints every
@@ -18,11 +19,11 @@ import jax
 
 from magvlt_jax import checkpoints
 from magvlt_jax import configs_util
+from magvlt_jax import image_tokenizers
 from magvlt_jax import objectives
 from magvlt_jax import parallel
 from magvlt_jax import text as text_lib
 from magvlt_jax.models import transformer
-from magvlt_jax.models import vqgan
 from magvlt_jax.train import metric_writer
 from magvlt_jax.train import optimizer as optimizer_lib
 from magvlt_jax.train import steps as steps_lib
@@ -57,31 +58,12 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def tokenizer_params(config, workdir: str):
-  """VQ-GAN params: config.vqgan.checkpoint, else WORKDIR/tokenizer (trained there if absent)."""
-  if config.vqgan.checkpoint:
-    return vqgan.load_params(config.vqgan.checkpoint, config.vqgan)
-  tok_dir = os.path.join(workdir, "tokenizer")
-  if not os.path.exists(os.path.join(tok_dir, vqgan.PARAMS_FILE)):
-    from magvlt_jax.train import vqgan_trainer  # pylint: disable=import-outside-toplevel
-    logging.info("no image tokenizer in %s and config.vqgan.checkpoint is empty: training one", tok_dir)
-    vqgan_trainer.train_tokenizer(config, workdir)
-  return vqgan.load_params(tok_dir, config.vqgan)
-
-
-def make_encode_fn(config):
-  vq_config = config.vqgan
-
-  def encode(vq_params, images_uint8):
-    return vqgan.encode(vq_params, vqgan.to_model_range(images_uint8), vq_config)
-  return encode
-
-
 class Setup:
   """Everything the loop needs, built once (also used by tests and the sampler job)."""
 
-  def __init__(self, config, workdir: str, text_tokenizer, vq_params):
+  def __init__(self, config, workdir: str, text_tokenizer, tokenizer_params):
     self.config, self.workdir, self.text_tokenizer = config, workdir, text_tokenizer
+    self.image_tokenizer = image_tokenizers.get(config)
     self.mesh = parallel.make_mesh(config.mesh)
     self.rules = parallel.logical_rules(config.mesh.strategy)
     parallel.check_aux_batch(int(config.data.global_batch_size),
@@ -89,14 +71,13 @@ class Setup:
     self.model = transformer.from_config(config)
     self.tx = optimizer_lib.make_optimizer(config)
     self.schedule = optimizer_lib.learning_rate_schedule(config)
-    self.objective = objectives.Objective(config, self.model, make_encode_fn(config),
-                                          text_tokenizer.eos_id, text_tokenizer.sep_id)
+    self.objective = objectives.create(config, self.model, self.image_tokenizer, text_tokenizer)
     init_fn = functools.partial(_init_state, config, tx=self.tx)
     self.init_fn = init_fn
     self.abstract = parallel.abstract_state(init_fn, jax.random.key(0), rules=self.rules)
     self.shardings = parallel.state_shardings(self.abstract, self.mesh, self.rules)
     rep = parallel.replicated(self.mesh)
-    self.vq_params = jax.device_put(vq_params, rep)
+    self.tokenizer_params = jax.device_put(tokenizer_params, rep)
     self.step_fn = parallel.jit_train_step(
         functools.partial(steps_lib.train_step, objective=self.objective, tx=self.tx,
                           schedule=self.schedule),
@@ -105,7 +86,7 @@ class Setup:
 
   def empty_metrics(self):
     # Committed to the mesh like the step's outputs: an uncommitted input would retrace the step.
-    return jax.device_put(steps_lib.empty_metrics(), parallel.replicated(self.mesh))
+    return jax.device_put(steps_lib.empty_metrics(self.objective), parallel.replicated(self.mesh))
 
   def base_rng(self, seed: int):
     return jax.device_put(jax.random.key(seed), parallel.replicated(self.mesh))
@@ -118,7 +99,8 @@ class Setup:
     return parallel.abstract_with_shardings(self.abstract, self.shardings)
 
   def global_batch(self, host_batch):
-    return parallel.global_batch({k: host_batch[k] for k in steps_lib.BATCH_KEYS}, self.mesh, self.rules)
+    return parallel.global_batch({k: host_batch[k] for k in self.objective.batch_keys}, self.mesh,
+                                 self.rules)
 
 
 def _init_state(config, rng, *, tx):
@@ -153,10 +135,10 @@ def train_and_evaluate(config, workdir: str):
   configs_util.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   checkpoints.save_config(workdir, config)
-  vq_params = tokenizer_params(config, workdir)
+  tokenizer_params = image_tokenizers.params_for_run(config, workdir)
   from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   text_tokenizer = text_lib.get_or_train_tokenizer(config, workdir)
-  setup = Setup(config, workdir, text_tokenizer, vq_params)
+  setup = Setup(config, workdir, text_tokenizer, tokenizer_params)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"),
                                       keep=int(config.train.keep_checkpoints),
                                       save_every=int(config.train.checkpoint_every))
@@ -191,7 +173,7 @@ def _loop(config, setup, state, iterator, store, writer):
   with _Preemption() as preempt:
     for step in range(start + 1, num_steps + 1):
       batch = setup.global_batch(next(iterator))
-      state, metrics = setup.step_fn(state, batch, setup.vq_params, rng, metrics)
+      state, metrics = setup.step_fn(state, batch, setup.tokenizer_params, rng, metrics)
       _check_nonfinite(state, int(t.max_nonfinite_in_row), step)
       if step % int(t.log_every) == 0 or step == num_steps:
         last = _log_progress(writer, step, num_steps, metrics, t0, start,

@@ -34,6 +34,7 @@ passes use every config.train.aux_batch_stride-th example (1 = the whole batch; 
 use 2 to trade auxiliary signal for steps).
 Total = L_task + L_unroll + 0.5 L_mixsel + 0.01 L_len.
 """
+import math
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -42,37 +43,18 @@ import numpy as np
 
 from magvlt_jax import masking
 from magvlt_jax import sequence as seq
+from magvlt_jax.objectives import common
+from magvlt_jax.objectives.common import masked_loss, smoothed_ce
 
 Task = seq.Task
+TASK_NAMES = {Task.T2I: "t2i", Task.I2T: "i2t", Task.IT2IT: "it2it"}
 METRIC_KEYS = ("loss", "task_loss", "unroll_loss", "mixsel_loss", "length_loss", "image_correct",
                "image_count", "text_correct", "text_count", "length_correct", "length_count")
 
 
 def draw_task(key, weights) -> jnp.ndarray:
-  """int32 scalar task index drawn with probabilities proportional to `weights`."""
-  w = np.asarray(weights, np.float32)
-  if w.shape != (len(Task),) or (w < 0).any() or w.sum() <= 0:
-    raise ValueError(f"config.train.task_weights must be {len(Task)} non-negative weights "
-                     f"(T2I, I2T, IT2IT) with a positive sum, got {weights}")
-  logits = jnp.where(w > 0, jnp.log(jnp.maximum(w, 1e-30)), -jnp.inf)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
-
-
-def smoothed_ce(logits, targets, smoothing: float):
-  """Per-slot CE against (1 - s) one_hot + s / V, float32, without materialising one-hots."""
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return lse - (1.0 - smoothing) * target_logit - smoothing * logits.mean(axis=-1)
-
-
-def masked_loss(logits, targets, mask, smoothing: float) -> Dict[str, jnp.ndarray]:
-  """Mean smoothed CE over the masked slots, plus argmax-correct and masked counts."""
-  mask = mask.astype(jnp.float32)
-  ce = smoothed_ce(logits, targets, smoothing)
-  count = mask.sum()
-  correct = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum()
-  return {"loss": (ce * mask).sum() / jnp.maximum(count, 1.0), "correct": correct, "count": count}
+  """int32 scalar MAGVLT task (T2I, I2T, IT2IT) drawn proportionally to `weights`."""
+  return common.draw_task(key, weights, ("T2I", "I2T", "IT2IT"))
 
 
 def later_ratio(key, u, schedule: str):
@@ -128,18 +110,17 @@ def _concat(*trees):
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
 
 
-class Objective:
-  """The multitask loss. `model`: a VLTransformer; `encode_fn(vq_params, images_uint8) -> codes`.
+class MagvltObjective(common.Objective):
+  """The multitask loss. `model`: a VLTransformer; `encode_fn(tok_params, images_uint8) -> codes`.
 
-  `loss_fn(params, vq_params, batch, rng, task=None) -> (loss, metrics)`; `batch` holds image,
+  `loss_fn(params, tok_params, batch, rng, task=None) -> (loss, metrics)`; `batch` holds image,
   image_lr, image_tb (uint8), text, text_length (int32). `task=None` draws it from rng.
   """
+  batch_keys = ("image", "image_lr", "image_tb", "text", "text_length")
 
   def __init__(self, config, model, encode_fn: Callable, eos_id: int, sep_id: int):
+    super().__init__(config, model, encode_fn, eos_id, sep_id)
     t = config.train
-    self.model = model
-    self.encode_fn = encode_fn
-    self.eos_id, self.sep_id = int(eos_id), int(sep_id)
     self.image_vocab = int(config.sequence.image_vocab_size)
     self.n_txt, self.n_img = int(config.sequence.text_length), int(config.sequence.image_tokens)
     self.task_weights = tuple(float(w) for w in t.task_weights)
@@ -156,7 +137,56 @@ class Objective:
       if s not in masking.SCHEDULES:
         raise ValueError(f"config.train.{name}={s!r}: expected one of {masking.SCHEDULES}")
     self.layouts = {task: seq.make_layout(task, self.n_txt, self.n_img) for task in Task}
-    self.trace_count = 0  # incremented at trace time only: tests check the step compiles once
+
+  @classmethod
+  def validate_config(cls, config):
+    """train.* keys of the MAGVLT objective (task mix, schedules, loss weights)."""
+    t = config.train
+    weights = tuple(t.task_weights)
+    if len(weights) != 3:
+      raise ValueError(f"config.train.task_weights={weights!r} must have 3 entries (T2I, I2T, "
+                       "IT2IT); e.g. (8, 1, 1)")
+    if any((not math.isfinite(w)) or w < 0 for w in weights) or sum(weights) <= 0:
+      raise ValueError(f"config.train.task_weights={weights!r} must be non-negative with a "
+                       "positive sum; e.g. (8, 1, 1)")
+    for key in ("image_mask_schedule", "text_mask_schedule"):
+      if t[key] not in masking.SCHEDULES:
+        raise ValueError(f"config.train.{key}={t[key]!r} is not a known value; use one of "
+                         f"{list(masking.SCHEDULES)}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+      raise ValueError(f"config.train.label_smoothing={t.label_smoothing!r} must be in [0, 1); "
+                       "use 0.1 or 0.0")
+    for key in ("length_loss_weight", "mixsel_weight"):
+      if not t[key] >= 0:
+        raise ValueError(f"config.train.{key}={t[key]!r} must be non-negative; set a number >= 0")
+
+  # ---------------------------------------------------------------- metrics
+  def metric_fields(self):
+    avg = common.average
+    fields = {
+        "unroll_loss": avg("unroll_loss", "has_unroll"),
+        "mixsel_loss": avg("mixsel_loss", "has_mixsel"),
+        "length_loss": avg("length_loss", "has_length"),
+        "image_accuracy": avg("image_correct", "image_count"),
+        "text_accuracy": avg("text_correct", "text_count"),
+        "length_accuracy": avg("length_correct", "length_count"),
+    }
+    for name in TASK_NAMES.values():
+      fields[f"loss_{name}"] = avg("loss", f"is_{name}")
+      fields[f"task_loss_{name}"] = avg("task_loss", f"is_{name}")
+      fields[f"frac_{name}"] = avg(f"is_{name}")
+    return fields
+
+  def metric_inputs(self, aux):
+    task = aux["task"]
+    out = dict(aux)
+    for t, name in TASK_NAMES.items():
+      out[f"is_{name}"] = (task == int(t)).astype(jnp.float32)
+    unroll_tasks = (task == int(Task.T2I)) | (task == int(Task.I2T))
+    out["has_unroll"] = (unroll_tasks & self.use_unroll).astype(jnp.float32)
+    out["has_mixsel"] = jnp.float32(self.use_mixsel)
+    out["has_length"] = (task != int(Task.T2I)).astype(jnp.float32)
+    return out
 
   # ---------------------------------------------------------------- helpers
   def _forward(self, params, inputs, attn, layout, outputs, key):
@@ -232,7 +262,7 @@ class Objective:
     inputs = self._input(lay, target, mtext, img_mask=mask, bog=seq.selector_token(pick_first))
     return inputs, seq.attention_mask(lay, mlen), target, mask
 
-  def _t2i(self, params, vq_params, batch, codes, key):
+  def _t2i(self, params, tok_params, batch, codes, key):
     lay = self.layouts[Task.T2I]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
@@ -254,7 +284,7 @@ class Objective:
       unroll = masked_loss(logits2["image"], codes, mask2, self.smoothing)["loss"]
     return self._result(main["loss"], unroll, mixsel, image=main)
 
-  def _mixed_codes(self, vq_params, batch, key):
+  def _mixed_codes(self, tok_params, batch, key):
     """(codes of the pixel-mixed images, partner, vertical, pick_first) for I2T/IT2IT MixSel."""
     k_v, k_pick = jax.random.split(key)
     b = batch["text"].shape[0]
@@ -262,23 +292,23 @@ class Objective:
     vertical = jax.random.bernoulli(k_v, 0.5, (b,))
     pick_first = jax.random.bernoulli(k_pick, 0.5, (b,))
     images = mix_images(batch["image_lr"], batch["image_tb"], partner, vertical)
-    codes = jax.lax.stop_gradient(self.encode_fn(vq_params, images)).astype(jnp.int32)
+    codes = jax.lax.stop_gradient(self.encode_fn(tok_params, images)).astype(jnp.int32)
     return codes, partner, vertical, pick_first
 
-  def i2t_mixsel(self, vq_params, batch, key):
+  def i2t_mixsel(self, tok_params, batch, key):
     """I2T MixSel: (inputs, attn, target text, text mask); context the pixel-mixed image, target
     the selected half's caption, selector LEFT/RIGHT/TOP/BOTTOM."""
     lay = self.layouts[Task.I2T]
     text, tlen = batch["text"], batch["text_length"]
     k_codes, k_m = jax.random.split(key)
-    mcodes, partner, vertical, pick_first = self._mixed_codes(vq_params, batch, k_codes)
+    mcodes, partner, vertical, pick_first = self._mixed_codes(tok_params, batch, k_codes)
     target = jnp.where(pick_first[:, None], text, text[partner])
     length = jnp.where(pick_first, tlen, tlen[partner])
     _, mask = self._fresh_mask(k_m, self.text_schedule, seq.text_valid(length, self.n_txt))
     inputs = self._input(lay, mcodes, target, txt_mask=mask, bog=seq.selector_token(pick_first, vertical))
     return inputs, seq.attention_mask(lay, length), target, mask
 
-  def _i2t(self, params, vq_params, batch, codes, key):
+  def _i2t(self, params, tok_params, batch, codes, key):
     lay = self.layouts[Task.I2T]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
@@ -286,7 +316,7 @@ class Objective:
     u, mask = self._fresh_mask(k_m, self.text_schedule, seq.text_valid(tlen, self.n_txt))
     inputs, attn = self._input(lay, codes, text, txt_mask=mask), seq.attention_mask(lay, tlen)
     if self.use_mixsel:
-      mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(vq_params, self._aux(batch), k_mix)
+      mix_in, mix_attn, mtext, mmask = self.i2t_mixsel(tok_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
     out = self._forward(params, inputs, attn, lay, ("text",), k_d1)
     main = masked_loss(out["text"][:b], text, mask, self.smoothing)
@@ -308,13 +338,13 @@ class Objective:
     txt = masking.sample_mask(k_t, masking.mask_ratio(u, self.text_schedule), text_valid)
     return img, txt
 
-  def it2it_mixsel(self, vq_params, batch, key):
+  def it2it_mixsel(self, tok_params, batch, key):
     """IT2IT MixSel: (inputs, attn, (codes, text) targets, (image, text) masks); masks only inside
     the selected half of the code grid and the selected caption's span."""
     lay = self.layouts[Task.IT2IT]
     text, tlen = batch["text"], batch["text_length"]
     k_codes, k_m = jax.random.split(key)
-    mcodes, partner, vertical, pick_first = self._mixed_codes(vq_params, batch, k_codes)
+    mcodes, partner, vertical, pick_first = self._mixed_codes(tok_params, batch, k_codes)
     mtext, mlen, span1, span2 = join_captions(text, tlen, partner, self.sep_id, self.eos_id)
     region = half_region(self.n_img, vertical, pick_first)
     span = jnp.where(pick_first[:, None], span1, span2)
@@ -323,7 +353,7 @@ class Objective:
                          bog=seq.selector_token(pick_first, vertical))
     return inputs, seq.attention_mask(lay, mlen), (mcodes, mtext), (mimg, mtxt)
 
-  def _it2it(self, params, vq_params, batch, codes, key):
+  def _it2it(self, params, tok_params, batch, codes, key):
     lay = self.layouts[Task.IT2IT]
     text, tlen = batch["text"], batch["text_length"]
     b = codes.shape[0]
@@ -333,7 +363,7 @@ class Objective:
     inputs = self._input(lay, codes, text, img_mask=img_mask, txt_mask=txt_mask)
     attn = seq.attention_mask(lay, tlen)
     if self.use_mixsel:
-      mix_in, mix_attn, (mcodes, mtext), (mimg, mtxt) = self.it2it_mixsel(vq_params, self._aux(batch), k_mix)
+      mix_in, mix_attn, (mcodes, mtext), (mimg, mtxt) = self.it2it_mixsel(tok_params, self._aux(batch), k_mix)
       inputs, attn = _concat(inputs, mix_in), _concat(attn, mix_attn)
     out = self._forward(params, inputs, attn, lay, ("image", "text"), k_d)
     image = masked_loss(out["image"][:b], codes, img_mask, self.smoothing)
@@ -346,7 +376,7 @@ class Objective:
     return self._result(image["loss"] + txt["loss"], 0.0, mixsel, length=length, image=image, text=txt)
 
   # ---------------------------------------------------------------- entry point
-  def loss_fn(self, params, vq_params, batch: Dict[str, Any], rng, task: Optional[Any] = None):
+  def loss_fn(self, params, tok_params, batch: Dict[str, Any], rng, task: Optional[Any] = None):  # pylint: disable=arguments-differ
     """(total loss, metrics dict of float32 scalars incl. 'task') for one batch.
 
     task: None (drawn from rng; all tasks in ONE lax.switch), a traced int (same switch), or a
@@ -357,10 +387,10 @@ class Objective:
     static = isinstance(task, (int, np.integer))
     if task is None:
       task = draw_task(k_task, self.task_weights)
-    codes = jax.lax.stop_gradient(self.encode_fn(vq_params, batch["image"])).astype(jnp.int32)
+    codes = jax.lax.stop_gradient(self.encode_fn(tok_params, batch["image"])).astype(jnp.int32)
     batch = dict(batch, text=jnp.asarray(batch["text"], jnp.int32),
                  text_length=jnp.asarray(batch["text_length"], jnp.int32))
-    branches = [lambda p, k, f=f: f(p, vq_params, batch, codes, k)
+    branches = [lambda p, k, f=f: f(p, tok_params, batch, codes, k)
                 for f in (self._t2i, self._i2t, self._it2it)]
     if static:
       metrics = branches[int(task)](params, k_rest)
