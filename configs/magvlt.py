@@ -5,6 +5,12 @@ Variants:
   tiny:  CPU-sized, trains end to end on the built-in synthetic dataset in minutes.
   base:  24 layers x 1024 wide x 8 heads (371,533,056 params with the 49408 text vocab).
   large: 36 layers x 1280 wide x 10 heads.
+  official_base / official_large: base / large exactly as the released kakaobrain/magvlt
+    checkpoints (magvlt-it2it-{base,large}.ckpt) and their sampling yaml: the taming f16_16384
+    VQGAN, CLIP's 49408-entry text vocabulary, 64 text slots / length classes, dropout 0.1, and
+    the `sampling:` block (10 T2I steps, temperature 1.4 -> 0.6, gumbel 2.0 -> 0.2, 12 I2T steps,
+    top-k 32, text temperature 0.1, 32 image / 64 text candidates). Load one with
+    `python -m magvlt_jax.convert.magvlt_official`.
 
 Usage:
   python -m magvlt_jax.main --config=configs/magvlt.py:tiny --workdir=/tmp/run
@@ -31,9 +37,15 @@ _SIZES = {  # num_layers, embed_dim, num_heads
 }
 
 
+_OFFICIAL = {"official_base": "base", "official_large": "large"}
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  if variant in _OFFICIAL:
+    return _official(variant)
   if variant not in _SIZES:
-    raise ValueError(f"configs/magvlt.py: unknown variant {variant!r}; expected one of {sorted(_SIZES)}")
+    raise ValueError(f"configs/magvlt.py: unknown variant {variant!r}; expected one of "
+                     f"{sorted(_SIZES) + sorted(_OFFICIAL)}")
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.variant = variant
@@ -219,4 +231,38 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval.data_name = ""
   c.eval.data_path = ""
   c.eval.split = ""
+  return c
+
+
+def _official(variant: str) -> ml_collections.ConfigDict:
+  """The released checkpoints' settings (notes/official_magvlt.md sections 1, 2 and 6)."""
+  c = get_config(_OFFICIAL[variant])
+  c.variant = variant
+  assert c.vqgan.variant == "f16_16384"  # the taming vqgan_imagenet_f16_16384 layers
+  c.model.dropout_rate = 0.1  # resid_pdrop
+  c.model.attention_dropout_rate = 0.1  # attn_pdrop
+  c.model.embedding_dropout_rate = 0.0  # embd_pdrop
+  c.model.layer_norm_eps = 1e-5
+  c.model.init_std = 0.02
+  c.model.mlp_ratio = 4
+  c.model.length_classes = 64
+  c.sequence.text_vocab_size = 49408  # CLIP's vocabulary (EOS = pad = 49407)
+  c.text.bpe_dropout = 0.1  # bpe_pdrop, training split only
+  c.train.task_weights = (8.0, 1.0, 1.0)
+  c.train.label_smoothing = 0.1
+  c.train.length_loss_weight = 0.01
+  c.train.use_unroll = True
+  c.train.use_mixsel = True
+  c.train.mixsel_weight = 0.5  # hnh_loss_coef
+  d = c.decoding  # the `sampling:` block of configs/magvlt-it2it-*-sampling.yaml
+  d.order = "maskgit"
+  d.t2i_steps = 10  # img_num_steps
+  d.image_temperature = (1.4, 0.6)  # img_temperature_start / end
+  d.gumbel_scale = (2.0, 0.2)  # img_mult_temperature_start / end
+  d.i2t_steps = 12  # txt_num_steps
+  d.text_temperature = 0.1  # txt_temperature
+  d.text_top_k = 32  # txt_top_k
+  d.num_image_candidates = 32  # img_num_cand_samples
+  d.num_text_candidates = 64  # txt_num_cand_samples
+  d.guidance_scale = 0.0
   return c

@@ -1,0 +1,190 @@
+"""Released-MAGVLT conversion: a fake Lightning .ckpt in the official key layout (shrunk shapes,
+written torch-free) -> a workdir the Sampler loads; strictness; the official config variants."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from magvlt_jax import checkpoints, configs_util, sampler as sampler_lib
+from magvlt_jax import text as text_lib
+from magvlt_jax.convert import magvlt_official as mo
+from magvlt_jax.convert import taming_vqgan as tv
+from magvlt_jax.convert import torch_pickle_writer
+from magvlt_jax.models import transformer, vqgan
+
+from tests import test_convert_taming as taming_test
+
+
+def micro_config():
+  """A shrunk official layout: 2 layers x 32 wide, taming VQGAN 16x16 -> 8x8 codes (64 slots)."""
+  config = configs_util.load_config("configs/magvlt.py:tiny")
+  config.model.update(dict(num_layers=2, embed_dim=32, num_heads=2, scan_layers=False))
+  config.model.length_classes = 8  # also text_length
+  config.decoding.uncond_text_length = (4, 8)
+  micro = taming_test.micro_config()
+  config.vqgan.update({k: micro[k] for k in ("image_size", "base_channels", "channel_mult",
+                                             "num_res_blocks", "attn_resolutions", "z_channels",
+                                             "embed_dim", "codebook_size", "norm_groups",
+                                             "norm_type", "mid_attention")})
+  config.vqgan.quantizer.l2_normalize = False
+  config.sequence.image_tokens = vqgan.latent_grid(config.vqgan) ** 2
+  config.sequence.text_vocab_size = config.text.vocab_size = 64
+  d = config.decoding
+  d.t2i_steps = d.i2t_steps = d.uncond_steps = 2
+  d.num_image_candidates = d.num_text_candidates = 1
+  d.rerank = "none"
+  config.sample.batch_size = 1
+  return config
+
+
+def official_shapes(config):
+  """The official `model.*` key names and shapes (notes section 8) for `config`'s sizes."""
+  d, s = int(config.model.embed_dim), config.sequence
+  vocab = int(s.image_vocab_size + s.text_vocab_size)
+  n_img, n_txt = int(s.image_tokens), int(s.text_length)
+  out = {"tok_emb.weight": (vocab, d), "tok_emb_spc.weight": (10, d),
+         "pos_emb_img.pos_embed": (n_img, d), "pos_emb_txt.pos_embed": (n_txt, d),
+         "pos_emb_spc.pos_embed": (4 + n_img + n_txt, d),
+         "lm_layer.linear.weight": (d, d), "lm_layer.linear.bias": (d,),
+         "lm_layer.ln.weight": (d,), "lm_layer.ln.bias": (d,), "lm_layer.output_bias": (vocab,),
+         "length_predictor.weight": (int(config.model.length_classes), d)}
+  for i in range(int(config.model.num_layers)):
+    b = f"blocks.{i}"
+    for ln in ("ln1", "ln2"):
+      out[f"{b}.{ln}.weight"] = out[f"{b}.{ln}.bias"] = (d,)
+    for p in ("query", "key", "value", "proj"):
+      out[f"{b}.attn.{p}.weight"], out[f"{b}.attn.{p}.bias"] = (d, d), (d,)
+    out[f"{b}.mlp.0.weight"], out[f"{b}.mlp.0.bias"] = (4 * d, d), (4 * d,)
+    out[f"{b}.mlp.2.weight"], out[f"{b}.mlp.2.bias"] = (d, 4 * d), (d,)
+  return {"model." + k: v for k, v in out.items()}
+
+
+def fake_state_dict(config, seed=0):
+  rng = np.random.default_rng(seed)
+  sd = {k: (0.05 * rng.standard_normal(s)).astype(np.float32)
+        for k, s in official_shapes(config).items()}
+  vq = taming_test.random_state_dict(taming_test.shapes_for(config.vqgan), seed + 1)
+  sd.update({"model_vqvae." + k: v for k, v in vq.items()})
+  return sd
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("official")
+  config = micro_config()
+  sd = fake_state_dict(config)
+  ckpt = str(root / "magvlt-it2it-micro.ckpt")
+  torch_pickle_writer.save_state_dict_zip(ckpt, sd, wrap_key="state_dict")  # Lightning layout
+  spm = str(root / "spm.model")
+  text_lib.TextTokenizer.train([f"a {c} circle on the {p}" for c in ("red", "blue")
+                                for p in ("left", "right")] * 10, 40, spm)
+  out = str(root / "workdir")
+  mo.convert_file(ckpt, out, config, text_model=spm)
+  return config, sd, out
+
+
+def test_every_key_placed_with_the_official_transposes(converted):
+  config, sd, out = converted
+  params = checkpoints.load_params(out, abstract=transformer.param_shapes(config))
+  flat = {"/".join(str(k.key) for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  n_model = sum(k.startswith("model.") for k in sd)
+  assert len(flat) == n_model  # one param per official transformer key
+  assert sum(v.size for v in flat.values()) == sum(
+      v.size for k, v in sd.items() if k.startswith("model."))
+  np.testing.assert_array_equal(flat["token_embed"], sd["model.tok_emb.weight"])
+  np.testing.assert_array_equal(flat["length_head/kernel"], sd["model.length_predictor.weight"].T)
+  np.testing.assert_array_equal(flat["block_1/mlp/fc1/kernel"], sd["model.blocks.1.mlp.0.weight"].T)
+  # Heads are contiguous 16-wide column blocks of the [out, in] torch weight.
+  wq = sd["model.blocks.0.attn.query.weight"]
+  np.testing.assert_array_equal(flat["block_0/attn/wq"][:, 1, :], wq[16:32].T)
+  np.testing.assert_array_equal(flat["block_0/attn/bk"][1], sd["model.blocks.0.attn.key.bias"][16:])
+  np.testing.assert_array_equal(flat["block_0/attn/wo"][1],
+                                sd["model.blocks.0.attn.proj.weight"][:, 16:32].T)
+  vq = vqgan.load_params(out, config.vqgan)
+  back = tv.to_taming_state_dict(jax.tree.map(np.asarray, vq))
+  assert len(back) == sum(k.startswith("model_vqvae.") for k in sd)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd["model_vqvae." + k])
+
+
+def test_attention_matches_the_torch_formula(converted):
+  """Block 0's query projection in our layout equals x @ W.T + b of the torch Linear."""
+  config, sd, out = converted
+  params = checkpoints.load_params(out, abstract=transformer.param_shapes(config))
+  x = np.random.default_rng(3).standard_normal((5, 32)).astype(np.float32)
+  ours = np.einsum("ld,dhk->lhk", x, np.asarray(params["block_0"]["attn"]["wq"]))
+  ours = (ours + np.asarray(params["block_0"]["attn"]["bq"])).reshape(5, 32)
+  ref = x @ sd["model.blocks.0.attn.query.weight"].T + sd["model.blocks.0.attn.query.bias"]
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_workdir_samples(converted):
+  config, _, out = converted
+  assert checkpoints.load_config(out).model.num_layers == 2
+  sampler = sampler_lib.Sampler.from_checkpoint(out)
+  images = sampler.text_to_image(["a red circle"], n=1, seed=0)
+  assert images[0].size == (16, 16)
+  captions = sampler.image_to_text(np.zeros((1, 16, 16, 3), np.uint8), n=1, seed=0)
+  assert len(captions) == 1 and isinstance(captions[0], str)
+
+
+def test_scanned_layout_stacks_the_blocks(converted):
+  config, sd, _ = converted
+  scanned = config.copy_and_resolve_references()
+  scanned.model.scan_layers = True
+  model_sd, _, _ = mo.split_state_dict(sd)
+  params = mo.convert_transformer(model_sd, scanned)
+  assert params["blocks"]["mlp"]["fc2"]["kernel"].shape == (2, 128, 32)
+  np.testing.assert_array_equal(params["blocks"]["ln2"]["scale"][1], sd["model.blocks.1.ln2.weight"])
+
+
+@pytest.mark.parametrize("edit, named", [
+    ("drop", "model.blocks.1.attn.value.bias"),
+    ("extra", "model.blocks.2.ln1.weight"),
+    ("shape", "model.lm_layer.output_bias"),
+    ("drop_vq", "missing key for encoder/conv_in/kernel"),
+    ("foreign", "optimizer.state"),
+])
+def test_strict_errors_name_the_key(edit, named):
+  config = micro_config()
+  sd = fake_state_dict(config)
+  if edit == "drop":
+    del sd[named]
+  elif edit == "extra":
+    sd[named] = np.ones((32,), np.float32)
+  elif edit == "shape":
+    sd[named] = np.zeros((7,), np.float32)
+  elif edit == "drop_vq":
+    del sd["model_vqvae.encoder.conv_in.weight"]
+  else:
+    sd[named] = np.zeros((1,), np.float32)
+  with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    mo.convert_state_dict(sd, config, source="fake.ckpt")
+
+
+def test_workdir_refuses_to_overwrite_checkpoints(converted, tmp_path):
+  config, sd, out = converted
+  with pytest.raises(FileExistsError, match="checkpoints"):
+    mo.write_workdir(out, config, {}, {})
+
+
+@pytest.mark.parametrize("variant, layers, width", [("official_base", 24, 1024),
+                                                   ("official_large", 36, 1280)])
+def test_official_variants(variant, layers, width):
+  c = configs_util.load_config(f"configs/magvlt.py:{variant}")
+  configs_util.validate_config(c)
+  assert (c.model.num_layers, c.model.embed_dim, c.model.embed_dim // c.model.num_heads) == (
+      layers, width, 128)
+  assert (c.sequence.text_vocab_size, c.sequence.text_length, c.sequence.image_tokens) == (49408, 64, 256)
+  assert c.vqgan.codebook_size == 16384 and c.vqgan.norm_type == "group"
+  d = c.decoding
+  assert (d.t2i_steps, tuple(d.image_temperature), tuple(d.gumbel_scale)) == (10, (1.4, 0.6), (2.0, 0.2))
+  assert (d.i2t_steps, d.text_top_k, d.text_temperature) == (12, 32, 0.1)
+  assert (d.num_image_candidates, d.num_text_candidates) == (32, 64)
+  # Every official key has exactly one of our params of the same size (371,533,056 for base).
+  n_official = sum(int(np.prod(s)) for s in official_shapes(c).values())
+  assert transformer.param_count(c) == n_official
+  if variant == "official_base":
+    assert n_official == 371_533_056
