@@ -188,3 +188,19 @@ def test_official_variants(variant, layers, width):
   assert transformer.param_count(c) == n_official
   if variant == "official_base":
     assert n_official == 371_533_056
+
+
+def test_trainer_resumes_from_the_converted_state(converted):
+  """--mode=train restores checkpoints/0 (converted params + fresh optimizer state) to fine-tune."""
+  from magvlt_jax import image_tokenizers
+  from magvlt_jax.train import trainer
+  config, sd, out = converted
+  tok = text_lib.TextTokenizer.load(os.path.join(out, "text", "spm.model"))
+  setup = trainer.Setup(config, out, tok, image_tokenizers.params_for_run(config, out))
+  store = checkpoints.CheckpointStore(os.path.join(out, "checkpoints"), async_save=False)
+  state, data_state = store.restore_latest(setup.abstract_state())
+  store.close()
+  assert int(state.step) == 0 and data_state is None
+  np.testing.assert_array_equal(np.asarray(state.params["pos_spc"]), sd["model.pos_emb_spc.pos_embed"])
+  assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(state.opt_state)
+             if np.ndim(x) > 0)  # fresh Adam moments
