@@ -97,6 +97,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- text tokenizer (sentencepiece BPE trained on the training captions, or loaded)
   c.text = ml_collections.ConfigDict()
+  c.text.kind = "sentencepiece"  # sentencepiece | clip_bpe (the official tokenizer, text_clip.py)
+  c.text.clip_vocab = ""  # clip_bpe: clip-vocab.json or bpe_simple_vocab_16e6.txt.gz; empty: WORKDIR/text/
+  c.text.clip_merges = ""  # clip_bpe: clip-merges.txt (with clip-vocab.json)
   c.text.spm_model = ""  # path to a .model file; empty: train one into WORKDIR/text/
   c.text.vocab_size = c.sequence.get_ref("text_vocab_size")
   # Training split only. Off for tiny: its 128-piece vocabulary is word-level, and dropout 0.1 splits
@@ -247,6 +250,7 @@ def _official(variant: str) -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.length_classes = 64
   c.sequence.text_vocab_size = 49408  # CLIP's vocabulary (EOS = pad = 49407)
+  c.text.kind = "clip_bpe"  # the official ClipBPE (magvlt_jax/text_clip.py)
   c.text.bpe_dropout = 0.1  # bpe_pdrop, training split only
   c.train.task_weights = (8.0, 1.0, 1.0)
   c.train.label_smoothing = 0.1

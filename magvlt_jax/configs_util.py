@@ -154,6 +154,8 @@ def _validate_sequence(config):
     _fail("text.vocab_size", config.text.vocab_size,
           f"exceeds sequence.text_vocab_size={s.text_vocab_size} (rows of the token table)",
           "lower text.vocab_size or raise sequence.text_vocab_size")
+  if "kind" in config.text:
+    _one_of(config, "text.kind", ("sentencepiece", "clip_bpe"))
   if not 0.0 <= config.text.bpe_dropout < 1.0:
     _fail("text.bpe_dropout", config.text.bpe_dropout, "must be in [0, 1)", "use 0.1 or 0.0")
 

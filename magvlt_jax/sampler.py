@@ -95,7 +95,7 @@ class Sampler:
   def from_checkpoint(cls, workdir_or_path: str, config=None, step=None, **kwargs) -> "Sampler":
     """Loads WORKDIR/config.json (unless `config`), the transformer params (latest step, or
     `step` / config.sample.checkpoint_step), the image tokenizer (config.<kind>.checkpoint or
-    WORKDIR/tokenizer) and the text tokenizer (config.text.spm_model or WORKDIR/text/spm.model)."""
+    WORKDIR/tokenizer) and the text tokenizer of config.text.kind (text.load_tokenizer)."""
     from magvlt_jax import checkpoints  # orbax only when loading
     path = os.path.abspath(workdir_or_path)
     workdir = path
@@ -109,7 +109,7 @@ class Sampler:
     params = checkpoints.load_params(path, step=step, abstract=transformer.param_shapes(config))
     image_tok = image_tokenizers.get(config)
     tok_params = image_tok.load_params(image_tok.cfg.get("checkpoint", "") or workdir)
-    tok = text_lib.TextTokenizer.load(text_lib.spm_model_path(config, workdir))
+    tok = text_lib.load_tokenizer(config, workdir)
     return cls(config, params, tok_params, tok, **kwargs)
 
   # ------------------------------------------------------------------ jitted pieces

@@ -209,12 +209,57 @@ def spm_model_path(config, workdir: str) -> str:
   return config.text.spm_model or os.path.join(workdir, "text", "spm.model")
 
 
+# config.text.kind -> the tokenizer family. "sentencepiece": trained on the run's captions (or
+# config.text.spm_model); "clip_bpe": the official MAGVLT ClipBPE over CLIP's files (text_clip.py).
+TEXT_KINDS = ("sentencepiece", "clip_bpe")
+
+
+def text_kind(config) -> str:
+  kind = config.text.get("kind", "sentencepiece")
+  if kind not in TEXT_KINDS:
+    raise ValueError(f"config.text.kind={kind!r} is not a known text tokenizer; use one of {list(TEXT_KINDS)}")
+  return kind
+
+
+def clip_bpe_files(config, workdir: str) -> tuple[str, str]:
+  """(vocab, merges) for clip_bpe: config.text.clip_vocab (+ clip_merges), else WORKDIR/text/
+  clip-vocab.json + clip-merges.txt, else WORKDIR/text/bpe_simple_vocab_16e6.txt.gz (merges "")."""
+  from magvlt_jax import text_clip  # pylint: disable=import-outside-toplevel
+  vocab = config.text.get("clip_vocab", "")
+  if vocab:
+    return vocab, config.text.get("clip_merges", "")
+  d = os.path.join(workdir, "text")
+  if os.path.exists(os.path.join(d, text_clip.VOCAB_FILE)):
+    return os.path.join(d, text_clip.VOCAB_FILE), os.path.join(d, text_clip.MERGES_FILE)
+  gz = os.path.join(d, text_clip.CLIP_GZ_FILE)
+  if os.path.exists(gz):
+    return gz, ""
+  raise FileNotFoundError(
+      f"config.text.kind='clip_bpe' needs CLIP's BPE files: set config.text.clip_vocab (+ "
+      f"config.text.clip_merges), or put {text_clip.VOCAB_FILE} + {text_clip.MERGES_FILE} or "
+      f"{text_clip.CLIP_GZ_FILE} into {d}")
+
+
+def load_tokenizer(config, workdir: str):
+  """The text tokenizer of a trained run (never trains): what the sampler and evaluation use."""
+  if text_kind(config) == "clip_bpe":
+    from magvlt_jax import text_clip  # pylint: disable=import-outside-toplevel
+    return text_clip.ClipBPETokenizer.load(*clip_bpe_files(config, workdir))
+  return TextTokenizer.load(spm_model_path(config, workdir))
+
+
 def get_or_train_tokenizer(config, workdir: str,
                            captions_fn: Callable[[], Iterable[str]] | None = None) -> TextTokenizer:
   """Loads config.text.spm_model or WORKDIR/text/spm.model, or trains one there from
-  `captions_fn()` (default: the training captions of config.data)."""
-  path = spm_model_path(config, workdir)
+  `captions_fn()` (default: the training captions of config.data); for config.text.kind=
+  'clip_bpe' loads the official ClipBPE (load_tokenizer)."""
   limit = int(config.text.vocab_size)
+  if text_kind(config) == "clip_bpe":  # a fixed vocabulary: loaded, never trained
+    tok = load_tokenizer(config, workdir)
+    if tok.vocab_size > limit:
+      raise ValueError(f"ClipBPE vocabulary has {tok.vocab_size} ids > config.text.vocab_size={limit}")
+    return tok
+  path = spm_model_path(config, workdir)
   if epath.Path(path).exists():
     tok = TextTokenizer.load(path)
     logging.info("text tokenizer: loaded %s (%d ids)", path, tok.vocab_size)

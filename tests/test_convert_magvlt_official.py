@@ -80,7 +80,7 @@ def converted(tmp_path_factory):
   text_lib.TextTokenizer.train([f"a {c} circle on the {p}" for c in ("red", "blue")
                                 for p in ("left", "right")] * 10, 40, spm)
   out = str(root / "workdir")
-  mo.convert_file(ckpt, out, config, text_model=spm)
+  mo.convert_file(ckpt, out, config, text_files=[spm])
   return config, sd, out
 
 

@@ -23,8 +23,9 @@ stacked from the unscanned mapping.
 The workdir written: config.json (the given config, default configs/magvlt.py:official_base or
 :official_large picked from the width), checkpoints/0 (a TrainState at step 0: the converted
 params and a fresh optimizer state, so `--mode=train` fine-tunes from it and the Sampler /
-`--mode=evaluate` load its params), tokenizer/params.npz (the VQGAN) and, when --text_model is
-given, text/spm.model.
+`--mode=evaluate` load its params), tokenizer/params.npz (the VQGAN) and the --text_files
+(clip-vocab.json + clip-merges.txt or bpe_simple_vocab_16e6.txt.gz for the official ClipBPE that
+official_* configs select; without them set config.text.clip_vocab at load time).
 
 CLI: python -m magvlt_jax.convert.magvlt_official --input magvlt-it2it-base.ckpt --output DIR
 """
@@ -178,9 +179,10 @@ def default_config(sd: Mapping[str, np.ndarray]):
   return configs_util.load_config(f"configs/magvlt.py:{_WIDTH_TO_VARIANT[width]}")
 
 
-def write_workdir(output: str, config, params, vq_params, text_model: str = ""):
+def write_workdir(output: str, config, params, vq_params, text_files=()):
   """config.json, checkpoints/0 (TrainState: params + fresh optimizer state), tokenizer/params.npz
-  and text/spm.model (when `text_model`)."""
+  and `text_files` copied into text/ (CLIP's BPE files for config.text.kind='clip_bpe', or a
+  sentencepiece model, copied as spm.model)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from magvlt_jax import checkpoints  # pylint: disable=import-outside-toplevel
   from magvlt_jax.models import vqgan  # pylint: disable=import-outside-toplevel
@@ -196,12 +198,15 @@ def write_workdir(output: str, config, params, vq_params, text_model: str = ""):
   store.save(0, state, data_state=None, force=True)
   store.close()
   vqgan.save_params_npz(os.path.join(output, "tokenizer", vqgan.PARAMS_FILE), vq_params)
-  if text_model:
+  for path in text_files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"text tokenizer file not found: {path}")
     os.makedirs(os.path.join(output, "text"), exist_ok=True)
-    shutil.copyfile(text_model, os.path.join(output, "text", "spm.model"))
+    name = "spm.model" if path.endswith(".model") else os.path.basename(path)
+    shutil.copyfile(path, os.path.join(output, "text", name))
 
 
-def convert_file(path: str, output: str, config=None, text_model: str = ""):
+def convert_file(path: str, output: str, config=None, text_files=()):
   """Reads `path`, converts strictly, writes the workdir; returns the config used."""
   from magvlt_jax import configs_util  # pylint: disable=import-outside-toplevel
   from magvlt_jax.convert import torch_pickle  # pylint: disable=import-outside-toplevel
@@ -213,7 +218,7 @@ def convert_file(path: str, output: str, config=None, text_model: str = ""):
   configs_util.validate_config(config)
   params, vq_params = convert_state_dict(sd, config, source=path)
   del sd
-  write_workdir(output, config, params, vq_params, text_model)
+  write_workdir(output, config, params, vq_params, text_files)
   return config
 
 
@@ -225,11 +230,13 @@ def main(argv=None):
   ap.add_argument("--config", default="",
                   help="config spec path.py:variant (default: configs/magvlt.py:official_base or "
                        ":official_large, by the checkpoint's width)")
-  ap.add_argument("--text_model", default="",
-                  help="a sentencepiece .model copied to WORKDIR/text/spm.model")
+  ap.add_argument("--text_files", nargs="*", default=[],
+                  help="copied into WORKDIR/text/: clip-vocab.json clip-merges.txt (or "
+                       "bpe_simple_vocab_16e6.txt.gz) for the official ClipBPE; a .model is "
+                       "copied as spm.model")
   args = ap.parse_args(argv)
   config = configs_util.load_config(args.config) if args.config else None
-  config = convert_file(args.input, args.output, config, args.text_model)
+  config = convert_file(args.input, args.output, config, args.text_files)
   print(f"wrote {args.output} (config variant {config.variant})")
 
 
