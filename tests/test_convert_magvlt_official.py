@@ -204,3 +204,83 @@ def test_trainer_resumes_from_the_converted_state(converted):
   np.testing.assert_array_equal(np.asarray(state.params["pos_spc"]), sd["model.pos_emb_spc.pos_embed"])
   assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(state.opt_state)
              if np.ndim(x) > 0)  # fresh Adam moments
+
+
+def _official_forward_i2t(sd, config, img, txt, txt_len, img_masked, txt_masked):
+  """numpy transcription of the official Transformer1d + LMLayer + length predictor forward in the
+  I2T layout, written from notes/official_magvlt.md sections 2-3 with the torch key names."""
+  from scipy.special import erf
+  w = {k[len("model."):]: v.astype(np.float64) for k, v in sd.items() if k.startswith("model.")}
+  s = config.sequence
+  v_img, n_img, n_txt, heads = int(s.image_vocab_size), int(s.image_tokens), int(s.text_length), int(
+      config.model.num_heads)
+  b = img.shape[0]
+  gelu = lambda x: 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+  def ln(x, name):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+  lin = lambda x, name: x @ w[f"{name}.weight"].T + w.get(f"{name}.bias", 0.0)
+  # [BOC, BOI, image, BOG, BOT, text]; specials BOI=0 BOT=1 BOC=2 BOG=3 MASK_IMG=4 MASK_TXT=5.
+  tok = np.concatenate([np.full((b, 1), 2), np.full((b, 1), 0), np.where(img_masked, 4, img),
+                        np.full((b, 1), 3), np.full((b, 1), 1), np.where(txt_masked, 5, txt)], 1)
+  pos = np.concatenate([np.zeros((b, 1)), np.ones((b, 1)), np.tile(np.arange(n_img), (b, 1)),
+                        np.full((b, 1), 2), np.full((b, 1), 3), np.tile(np.arange(n_txt), (b, 1))],
+                       1).astype(int)
+  f, t = np.zeros((b, 2), bool), np.ones((b, 2), bool)
+  loc_img = np.concatenate([f, np.ones((b, n_img), bool), f, np.zeros((b, n_txt), bool)], 1)
+  loc_txt = np.concatenate([f, np.zeros((b, n_img), bool), f, np.ones((b, n_txt), bool)], 1)
+  loc_spc = np.concatenate([t, img_masked, t, txt_masked], 1)
+  L = tok.shape[1]
+  x = np.zeros((b, L, w["tok_emb.weight"].shape[1]))
+  x[loc_img & ~loc_spc] = w["tok_emb.weight"][tok[loc_img & ~loc_spc]]
+  x[loc_txt & ~loc_spc] = w["tok_emb.weight"][v_img + tok[loc_txt & ~loc_spc]]
+  x[loc_spc] = w["tok_emb_spc.weight"][tok[loc_spc]]
+  x[loc_img] += w["pos_emb_img.pos_embed"][pos[loc_img]]
+  x[loc_txt] += w["pos_emb_txt.pos_embed"][pos[loc_txt]]
+  x[loc_spc] += w["pos_emb_spc.pos_embed"][pos[loc_spc]]
+  offset, bot = 4 + n_img, 2 + n_img + 1
+  mask = np.ones((b, L, L), bool)
+  for i, n in enumerate(txt_len):
+    mask[i, :, offset + n:offset + n_txt] = False
+  mask[:, bot, bot + 1:] = False
+  mask[~mask.any(-1)[..., None] & np.eye(L, dtype=bool)[None]] = True
+  for i in range(int(config.model.num_layers)):
+    p = f"blocks.{i}"
+    h = ln(x, f"{p}.ln1")
+    q, k, v = (lin(h, f"{p}.attn.{n}").reshape(b, L, heads, -1) for n in ("query", "key", "value"))
+    att = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    att = np.where(mask[:, None], att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    x = x + lin(np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, L, -1), f"{p}.attn.proj")
+    x = x + lin(gelu(lin(ln(x, f"{p}.ln2"), f"{p}.mlp.0")), f"{p}.mlp.2")
+  h = ln(gelu(lin(x, "lm_layer.linear")), "lm_layer.ln")
+  logits = h @ w["tok_emb.weight"].T + w["lm_layer.output_bias"]
+  return {"image": logits[:, 2:2 + n_img, :v_img], "text": logits[:, offset:, v_img:],
+          "length": x[:, bot] @ w["length_predictor.weight"].T}
+
+
+def test_converted_logits_equal_a_numpy_transcription_of_the_official_forward(converted):
+  from magvlt_jax import sequence as seq
+  config, sd, out = converted
+  params = checkpoints.load_params(out, abstract=transformer.param_shapes(config))
+  rng = np.random.default_rng(5)
+  s = config.sequence
+  img = rng.integers(0, s.image_vocab_size, (2, s.image_tokens))
+  txt = rng.integers(0, s.text_vocab_size, (2, s.text_length))
+  txt_len = np.array([3, 8])
+  img_masked = rng.random(img.shape) < 0.3
+  txt_masked = rng.random(txt.shape) < 0.5
+  ref = _official_forward_i2t(sd, config, img, txt, txt_len, img_masked, txt_masked)
+  layout = seq.layout_from_config(config, seq.Task.I2T)
+  inputs = seq.build_input(layout, img, txt, img_masked, txt_masked,
+                           image_vocab_size=int(s.image_vocab_size))
+  with jax.default_matmul_precision("highest"):
+    ours = transformer.from_config(config).apply(
+        {"params": params}, inputs, seq.attention_mask(layout, txt_len), layout=layout,
+        outputs=("image", "text", "length"))
+  for name in ("image", "text", "length"):
+    err = np.linalg.norm(np.asarray(ours[name]) - ref[name]) / np.linalg.norm(ref[name])
+    assert err < 1e-5, (name, err)
