@@ -57,6 +57,18 @@ def prepare_image(image, size: int) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
 
 
+_TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
+
+
+def _converted_workdir(ckpt_path: str, config) -> str:
+  """CKPT.magvlt_jax/ next to an official MAGVLT .ckpt: converted on first use, reused after."""
+  out = ckpt_path + ".magvlt_jax"
+  if not os.path.exists(os.path.join(out, "config.json")):
+    from magvlt_jax.convert import magvlt_official  # pylint: disable=import-outside-toplevel
+    magvlt_official.convert_file(ckpt_path, out, config)
+  return out
+
+
 def _chunk_size(n: int, max_batch: int) -> int:
   return min(max_batch, 1 << max(n - 1, 0).bit_length())
 
@@ -94,10 +106,14 @@ class Sampler:
   @classmethod
   def from_checkpoint(cls, workdir_or_path: str, config=None, step=None, **kwargs) -> "Sampler":
     """Loads WORKDIR/config.json (unless `config`), the transformer params (latest step, or
-    `step` / config.sample.checkpoint_step), the image tokenizer (config.<kind>.checkpoint or
+    `step` / config.sample.checkpoint_step; a released official MAGVLT .ckpt is converted into
+    CKPT.magvlt_jax/ first, see convert/magvlt_official.py),
+    the image tokenizer (config.<kind>.checkpoint or
     WORKDIR/tokenizer) and the text tokenizer of config.text.kind (text.load_tokenizer)."""
     from magvlt_jax import checkpoints  # orbax only when loading
     path = os.path.abspath(workdir_or_path)
+    if os.path.isfile(path) and path.endswith(_TORCH_SUFFIXES):
+      path = _converted_workdir(path, config)  # a released official MAGVLT checkpoint
     workdir = path
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.exists(
         os.path.join(os.path.dirname(path), "config.json")):

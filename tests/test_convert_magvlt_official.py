@@ -284,3 +284,26 @@ def test_converted_logits_equal_a_numpy_transcription_of_the_official_forward(co
   for name in ("image", "text", "length"):
     err = np.linalg.norm(np.asarray(ours[name]) - ref[name]) / np.linalg.norm(ref[name])
     assert err < 1e-5, (name, err)
+
+
+def test_sampler_from_an_official_ckpt_with_clip_bpe(tmp_path):
+  """Sampler.from_checkpoint(X.ckpt): converted next to the file once, ClipBPE text from
+  config.text.clip_vocab (a micro CLIP-format vocabulary)."""
+  import gzip
+  from magvlt_jax import text_clip
+  vocab = str(tmp_path / text_clip.CLIP_GZ_FILE)
+  with gzip.open(vocab, "wt", encoding="utf-8") as f:
+    f.write("#version: 0.2\nc a\nca t</w>\nr e\nre d</w>\n")
+  config = micro_config()
+  config.text.kind, config.text.clip_vocab = "clip_bpe", vocab
+  config.sequence.text_vocab_size = config.text.vocab_size = 518  # 512 byte symbols + 4 + 2
+  ckpt = str(tmp_path / "magvlt-it2it-micro.ckpt")
+  torch_pickle_writer.save_state_dict_zip(ckpt, fake_state_dict(config), wrap_key="state_dict")
+  sampler = sampler_lib.Sampler.from_checkpoint(ckpt, config=config)
+  assert os.path.exists(ckpt + ".magvlt_jax/config.json")
+  assert isinstance(sampler.tokenizer, text_clip.ClipBPETokenizer) and sampler.tokenizer.eos_id == 517
+  ids, lengths = sampler.encode_text(["a red cat"])
+  assert ids[0, :4].tolist() == [320, 515, 513, 517] and lengths[0] == 4  # a</w> is 320 as in CLIP
+  assert sampler.text_to_image(["a red cat"], n=1, seed=0)[0].size == (16, 16)
+  again = sampler_lib.Sampler.from_checkpoint(ckpt)  # reuses the converted workdir and its config
+  assert again.tokenizer.vocab_size == 518
