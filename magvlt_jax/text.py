@@ -240,11 +240,13 @@ def clip_bpe_files(config, workdir: str) -> tuple[str, str]:
       f"{text_clip.CLIP_GZ_FILE} into {d}")
 
 
-def load_tokenizer(config, workdir: str):
-  """The text tokenizer of a trained run (never trains): what the sampler and evaluation use."""
+def load_tokenizer(config, workdir: str, *, for_data: bool = False):
+  """The text tokenizer of a trained run (never trains): what the sampler and evaluation use.
+  clip_bpe with `for_data`: captions get the official datasets' pre_caption first (prompts in
+  the official sampling scripts do not)."""
   if text_kind(config) == "clip_bpe":
     from magvlt_jax import text_clip  # pylint: disable=import-outside-toplevel
-    return text_clip.ClipBPETokenizer.load(*clip_bpe_files(config, workdir))
+    return text_clip.ClipBPETokenizer.load(*clip_bpe_files(config, workdir), clean=for_data)
   return TextTokenizer.load(spm_model_path(config, workdir))
 
 
@@ -255,7 +257,7 @@ def get_or_train_tokenizer(config, workdir: str,
   'clip_bpe' loads the official ClipBPE (load_tokenizer)."""
   limit = int(config.text.vocab_size)
   if text_kind(config) == "clip_bpe":  # a fixed vocabulary: loaded, never trained
-    tok = load_tokenizer(config, workdir)
+    tok = load_tokenizer(config, workdir, for_data=True)  # the trainer's data pipeline
     if tok.vocab_size > limit:
       raise ValueError(f"ClipBPE vocabulary has {tok.vocab_size} ids > config.text.vocab_size={limit}")
     return tok

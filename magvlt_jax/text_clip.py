@@ -136,7 +136,11 @@ class ClipBPETokenizer:
   """Same interface as text.TextTokenizer (encode_ids / encode_one / encode / encode_pair /
   decode / vocab_size / eos_id / pad_id / sep_id)."""
 
-  def __init__(self, vocab: Dict[str, int], merges: Sequence[Tuple[str, str]]):
+  def __init__(self, vocab: Dict[str, int], merges: Sequence[Tuple[str, str]], *,
+               clean: bool = False):
+    # clean: apply pre_caption first, as the official datasets do (get_input(pre_proc=...));
+    # the official sampling scripts tokenize prompts raw (clean=False).
+    self.clean = clean
     if EOT not in vocab:
       raise ValueError(f"ClipBPE vocabulary has no {EOT} token")
     self.vocab = dict(vocab)
@@ -148,8 +152,8 @@ class ClipBPETokenizer:
     self._sep = self.vocab["|"]
 
   @classmethod
-  def load(cls, vocab_path: str, merges_path: str = "") -> "ClipBPETokenizer":
-    return cls(*read_files(vocab_path, merges_path))
+  def load(cls, vocab_path: str, merges_path: str = "", *, clean: bool = False) -> "ClipBPETokenizer":
+    return cls(*read_files(vocab_path, merges_path), clean=clean)
 
   @property
   def vocab_size(self) -> int:
@@ -205,10 +209,11 @@ class ClipBPETokenizer:
     if dropout > 0.0 and rng is None:
       raise ValueError("encode_ids: dropout > 0 needs an rng (np.random.Generator)")
     rnd = random.Random(int(rng.integers(2**63))) if dropout > 0.0 else None
+    prep = pre_caption if self.clean else (lambda c: c)
     try:
-      return self._encode_raw(caption, dropout, rnd)
+      return self._encode_raw(prep(caption), dropout, rnd)
     except UnknownCharacterError:
-      return self._encode_raw(caption.encode("ascii", "ignore").decode(), dropout, rnd)
+      return self._encode_raw(prep(caption.encode("ascii", "ignore").decode()), dropout, rnd)
 
   def _pad(self, ids: List[int], max_length: int) -> Tuple[np.ndarray, int]:
     ids = ids[:max_length]

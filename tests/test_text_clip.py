@@ -96,6 +96,10 @@ def test_config_selects_clip_bpe_from_the_workdir(micro_gz, tmp_path):
     dst.write(src.read())
   tok = text_lib.get_or_train_tokenizer(config, str(tmp_path))
   assert isinstance(tok, tc.ClipBPETokenizer) and tok.eos_id == 517
+  # The data pipeline's tokenizer applies pre_caption ("-" -> space), the sampler's does not.
+  assert tok.encode_ids("cat-dog") == [513, 515]
+  assert text_lib.load_tokenizer(config, str(tmp_path)).encode_ids("cat-dog") == [
+      513, sym("-", True), 515]
   config.text.kind = "wordpiece"
   with pytest.raises(ValueError, match="config.text.kind"):
     configs_util.validate_config(config)
