@@ -170,6 +170,7 @@ def test_cached_decoding_equals_full_recomputation(task, temperature):
 
 def test_ar_decoder_registry_runs_t2i_and_loglik():
   c = small_config()
+  c.model.scan_layers = True  # base/large's layout: the cache is stacked on the layer axis too
   model = transformer.from_config(c)
   params = _trained_like_params(c)
   dec = decoders.create(c, model, eos_id=EOS, vocab_limit=100)
@@ -178,6 +179,10 @@ def test_ar_decoder_registry_runs_t2i_and_loglik():
   _, fn = dec.task_fn("t2i")
   out = jax.jit(fn)(params, jax.random.key(0), 0.0, text, tlen)
   assert out.image_codes.shape == (2, c.sequence.image_tokens)
+  spec = dec.spec("t2i")
+  full = jax.jit(lambda p, k: decoding_ar.decode_uncached(model, p, spec, k, text_ids=text, text_length=tlen))(
+      params, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out.image_codes), np.asarray(full.image_codes))
   _, ll = dec.loglik_fn("image")
   score = np.asarray(jax.jit(ll)(params, out.image_codes, text, tlen))
   assert score.shape == (2,) and (score < 0).all()
