@@ -65,6 +65,11 @@ def sample_next(key, logits, spec: ArSpec):
   return sample_top_k(key, logits, spec.temperature, spec.top_k, spec.vocab_limit)
 
 
+def _segments(model, spec, batch):
+  """BiART [REF]/[GEN] ids [B, L] when the model has segment embeddings, else None."""
+  return seq.segment_ids(spec.layout, batch) if model.num_segments else None
+
+
 def _full_mask(spec: ArSpec, text_length):
   return seq.attention_mask(spec.layout, text_length) & seq.causal_mask(spec.layout.length)
 
@@ -155,14 +160,18 @@ def decode(model, params, spec: ArSpec, key, image_codes=None, text_ids=None, te
   out_name = (spec.generate,)
   start = spec.start
   prefix = jax.tree.map(lambda a: a[:, :start], _inputs(spec, codes, text, jnp.zeros((b, spec.length), jnp.int32)))
+  segments = _segments(model, spec, b)
+  seg_prefix = None if segments is None else segments[:, :start]
+  seg_step = None if segments is None else segments[:, start:start + 1]  # GEN
   out, variables = dec.apply({"params": params}, prefix, mask[:, :, :start], layout=spec.layout,
-                             outputs=out_name, mutable=["cache"])
+                             outputs=out_name, mutable=["cache"], segment_ids=seg_prefix)
 
   def step_fn(i, cache, tokens, tok):
     del tokens
     row = jax.lax.dynamic_slice_in_dim(mask, start + i, 1, axis=2)
     o, v = dec.apply({"params": params, "cache": cache}, _slot_input(spec, tok, i), row,
-                     layout=spec.layout, outputs=out_name, mutable=["cache"])
+                     layout=spec.layout, outputs=out_name, mutable=["cache"],
+                     segment_ids=seg_step)
     return v["cache"], o[spec.generate][:, 0]
 
   keep = None if region is None else ~jnp.asarray(region, bool)
@@ -177,10 +186,12 @@ def decode_uncached(model, params, spec: ArSpec, key, image_codes=None, text_ids
   """Reference for `decode`: the same loop, recomputing the full causal pass every step."""
   b, codes, text, tlen = _context(spec, image_codes, text_ids, text_length)
   attn = seq.attention_mask(spec.layout, tlen)
+  segments = _segments(model, spec, b)
 
   def next_logits(tokens, i):
     out = model.apply({"params": params}, _inputs(spec, codes, text, tokens), attn,
-                      layout=spec.layout, outputs=(spec.generate,), predict_next=True)
+                      layout=spec.layout, outputs=(spec.generate,), predict_next=True,
+                      segment_ids=segments)
     return jax.lax.dynamic_index_in_dim(out[spec.generate], i, axis=1, keepdims=False)
 
   def step_fn(i, state, tokens, tok):
@@ -202,7 +213,8 @@ def loglik(model, params, spec: ArSpec, image_codes, text_ids, text_length):
   attn = seq.attention_mask(spec.layout, text_length)
   inputs = seq.build_input(spec.layout, codes, text, image_vocab_size=spec.image_vocab_size)
   logits = model.apply({"params": params}, inputs, attn, layout=spec.layout,
-                       outputs=(spec.generate,), predict_next=True)[spec.generate]
+                       outputs=(spec.generate,), predict_next=True,
+                       segment_ids=_segments(model, spec, codes.shape[0]))[spec.generate]
   target = codes if spec.generate == "image" else text
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
                              target[..., None], axis=-1)[..., 0]

@@ -188,3 +188,53 @@ def test_ar_decoder_registry_runs_t2i_and_loglik():
   assert score.shape == (2,) and (score < 0).all()
   with pytest.raises(ValueError, match="does not support task 'infill'"):
     dec.task_fn("infill")
+
+
+def biart_config():
+  c = small_config()
+  lv = load_config("configs/lverse.py:tiny")
+  c.objective, c.model.num_segments = lv.objective, lv.model.num_segments
+  c.train.generated_loss_weight = c.train.condition_loss_weight = 1.0
+  return c
+
+
+@pytest.mark.parametrize("variant", ["tiny", "base", "large"])
+def test_lverse_configs_validate(variant):
+  c = load_config(f"configs/lverse.py:{variant}")
+  configs_util.validate_config(c)
+  assert c.objective == "biart" and c.model.num_segments == 2 and c.model.causal
+  if variant != "tiny":
+    assert c.sequence.text_length == 64 and c.decoding.num_image_candidates == 64
+  c.model.num_segments = 0
+  with pytest.raises(ValueError, match="config.model.num_segments"):
+    configs_util.validate_config(c)
+
+
+def test_segment_ids_per_direction():
+  lay_t2i, lay_i2t = seq.make_layout(seq.Task.T2I, 3, 4), seq.make_layout(seq.Task.I2T, 3, 4)
+  R, G = seq.SEGMENT_REF, seq.SEGMENT_GEN
+  # T2I [BOC, BOT, t, t, t, BOG, BOI, i, i, i, i]: the image and BOI are the target.
+  assert np.asarray(seq.segment_ids(lay_t2i, 1))[0].tolist() == [R] * 6 + [G] * 5
+  # I2T [BOC, BOI, i, i, i, i, BOG, BOT, t, t, t]: the text and BOT are the target.
+  assert np.asarray(seq.segment_ids(lay_i2t, 2))[1].tolist() == [R] * 7 + [G] * 4
+
+
+def test_biart_segments_matter_and_cached_decoding_matches():
+  c = biart_config()
+  model = transformer.from_config(c)
+  params = _trained_like_params(c)
+  assert "segment_embed" in params
+  obj = _identity_objective(c, model)
+  codes, text, tlen = _data(c)
+  batch = {"image": codes, "text": text, "text_length": tlen}
+  loss, aux = obj.loss_fn(params, None, batch, jax.random.key(0), task=0)
+  np.testing.assert_allclose(float(loss), float(aux["generated_loss"] + aux["condition_loss"]), rtol=1e-6)
+  flat = dict(params, segment_embed=params["segment_embed"][::-1])  # swap [REF] and [GEN]
+  assert not np.isclose(float(loss), float(obj.loss_fn(flat, None, batch, jax.random.key(0), task=0)[0]))
+  s = c.sequence
+  for task, args in (("t2i", dict(text_ids=text, text_length=tlen)), ("i2t", dict(image_codes=codes))):
+    spec = decoding_ar.make_spec(task, s.text_length, s.image_tokens, s.image_vocab_size, EOS, 1.0, 8, 100)
+    a = jax.jit(lambda p, k: decoding_ar.decode(model, p, spec, k, **args))(params, jax.random.key(2))
+    b = jax.jit(lambda p, k: decoding_ar.decode_uncached(model, p, spec, k, **args))(params, jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(a.image_codes), np.asarray(b.image_codes))
+    np.testing.assert_array_equal(np.asarray(a.text_ids), np.asarray(b.text_ids))

@@ -9,6 +9,7 @@ import importlib
 _KINDS = {
     "magvlt": "magvlt_jax.objectives.magvlt:MagvltObjective",
     "ar": "magvlt_jax.objectives.ar:ArObjective",
+    "biart": "magvlt_jax.objectives.ar:BiartObjective",
 }
 DEFAULT = "magvlt"
 

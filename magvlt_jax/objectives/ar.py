@@ -97,9 +97,10 @@ class ArObjective(common.Objective):
     inputs = seq.build_input(lay, codes, text, image_vocab_size=self.image_vocab)
     attn = seq.attention_mask(lay, text_length)
     rngs = {"dropout": rng} if rng is not None else {}
+    segments = seq.segment_ids(lay, codes.shape[0]) if self.model.num_segments else None
     out = self.model.apply({"params": params}, inputs, attn, layout=lay,
                            deterministic=deterministic, outputs=("image", "text"),
-                           predict_next=True, rngs=rngs)
+                           predict_next=True, rngs=rngs, segment_ids=segments)
     return out["image"], out["text"]
 
   def task_loss(self, params, task, codes, text, text_length, rng=None, deterministic=False):
@@ -133,3 +134,25 @@ class ArObjective(common.Objective):
       metrics = jax.lax.switch(jnp.asarray(task, jnp.int32), branches, params, k_drop)
     metrics["task"] = jnp.asarray(task, jnp.float32)
     return metrics["loss"], metrics
+
+
+class BiartObjective(ArObjective):
+  """L-Verse BiART (SPEC section 6): the same two directions and NLL terms, on a model with the
+  [REF]/[GEN] segment embedding (sequence.segment_ids) added to every slot, so one causal
+  transformer knows which modality it generates. The paper alternates text->image and
+  image->text per iteration; here each batch draws its direction with train.task_weights (1, 1)
+  (the objective is not given the step), an alternation in expectation."""
+
+  def __init__(self, config, model, encode_fn, eos_id: int, sep_id: int):
+    if model.num_segments != seq.NUM_SEGMENTS:
+      raise ValueError("the 'biart' objective needs the [REF]/[GEN] segment embedding: set "
+                       f"config.model.num_segments={seq.NUM_SEGMENTS}")
+    super().__init__(config, model, encode_fn, eos_id, sep_id)
+
+  @classmethod
+  def validate_config(cls, config):
+    super().validate_config(config)
+    if config.model.get("num_segments", 0) != seq.NUM_SEGMENTS:
+      raise ValueError(f"config.model.num_segments={config.model.get('num_segments', 0)!r}: the "
+                       f"'biart' objective needs {seq.NUM_SEGMENTS} ([REF], [GEN]); set it to "
+                       f"{seq.NUM_SEGMENTS} (configs/lverse.py does)")
