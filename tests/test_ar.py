@@ -111,6 +111,7 @@ def test_loss_weights_on_a_hand_built_batch():
     assert float(aux["text_count"]) == valid.sum()  # padding is not scored
 
 
+@pytest.mark.slow
 def test_tiny_argvlt_loss_falls_through_the_trainer(tmp_path):
   c = small_config()
   vq_params = vqgan.init_params(c.vqgan, jax.random.key(0))
