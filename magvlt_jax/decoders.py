@@ -19,11 +19,12 @@ A new decoder is a class here (or in its own module) with the same two methods a
 """
 import importlib
 
-from magvlt_jax import decoding, rerank, sequence
+from magvlt_jax import decoding, decoding_ar, rerank, sequence
 
 DEFAULT = "masked"
 _KINDS = {
     "masked": "magvlt_jax.decoders:MaskedDecoder",
+    "ar": "magvlt_jax.decoders:ArDecoder",
 }
 
 
@@ -85,6 +86,59 @@ class MaskedDecoder:
       return score(self._logits_fn(params), layout, img_vocab, codes, text_ids, text_length,
                    num_passes=passes)
     return (self.kind, "loglik", modality, passes), run
+
+
+class ArDecoder:
+  """KV-cache autoregressive decoding (decoding_ar.py) for causal models (ARGVLT, BiART);
+  settings in config.decoding.ar (image/text temperature and top_k; temperature 0 is greedy)."""
+  kind = "ar"
+  TASKS = ("t2i", "inpaint", "i2t")
+
+  def __init__(self, config, model, *, eos_id: int, vocab_limit: int = 0):
+    if not model.causal:
+      raise ValueError("config.decoding.kind='ar' needs a causal model: set config.model.causal=True")
+    self.config, self.model = config, model
+    self.eos_id, self.vocab_limit = int(eos_id), int(vocab_limit)
+
+  def spec(self, task: str, text_temperature=None):
+    check_task(self, task)
+    s, ar = self.config.sequence, self.config.decoding.ar
+    image = task != "i2t"
+    temperature = ar.image_temperature if image else (
+        ar.text_temperature if text_temperature is None else text_temperature)
+    return decoding_ar.make_spec(task, int(s.text_length), int(s.image_tokens),
+                                 int(s.image_vocab_size), self.eos_id, float(temperature),
+                                 int(ar.image_top_k if image else ar.text_top_k), self.vocab_limit)
+
+  def task_fn(self, task: str, *, guidance: bool = False, text_temperature=None):
+    if guidance:
+      raise ValueError("the 'ar' decoder has no classifier-free guidance; set "
+                       "config.decoding.guidance_scale=0")
+    spec = self.spec(task, text_temperature)
+    model = self.model
+
+    def run(params, key, scale, *arrays):
+      del scale
+      if task == "t2i":
+        text_ids, text_length = arrays
+        return decoding_ar.decode(model, params, spec, key, text_ids=text_ids, text_length=text_length)
+      if task == "inpaint":
+        codes, region, text_ids, text_length = arrays
+        return decoding_ar.decode(model, params, spec, key, codes, text_ids, text_length, region)
+      (codes,) = arrays
+      return decoding_ar.decode(model, params, spec, key, image_codes=codes)
+    return (self.kind, task, spec), run
+
+  def loglik_fn(self, modality: str):
+    """Exact AR log-likelihood (mean per token) of an image given its caption, or the reverse."""
+    if modality not in ("image", "text"):
+      raise ValueError(f"loglik_fn: modality must be 'image' or 'text', got {modality!r}")
+    spec = self.spec("t2i" if modality == "image" else "i2t")
+    model = self.model
+
+    def run(params, codes, text_ids, text_length):
+      return decoding_ar.loglik(model, params, spec, codes, text_ids, text_length)
+    return (self.kind, "loglik", modality), run
 
 
 def check_task(decoder, task: str):

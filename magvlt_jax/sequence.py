@@ -191,3 +191,21 @@ def attention_mask(layout: Layout, text_length):
 def causal_mask(length: int):
   """bool [1, 1, L, L] lower-triangular mask for the autoregressive baselines."""
   return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+# L-Verse BiART segments: every slot is a conditional reference or part of the generation target.
+SEGMENT_REF, SEGMENT_GEN = 0, 1
+NUM_SEGMENTS = 2
+
+
+def segment_ids(layout: Layout, batch: int):
+  """int32 [B, L]: GEN on the generated modality (T2I: the image; I2T / IT2IT: the text) and on
+  its start token (BOI / BOT, the slot that predicts its first token), REF everywhere else."""
+  seg = np.full((layout.length,), SEGMENT_REF, np.int32)
+  if layout.task == Task.T2I:
+    seg[layout.boi_index] = SEGMENT_GEN
+    seg[layout.image_slice] = SEGMENT_GEN
+  else:
+    seg[layout.bot_index] = SEGMENT_GEN
+    seg[layout.text_slice] = SEGMENT_GEN
+  return jnp.broadcast_to(jnp.asarray(seg), (batch, layout.length))

@@ -61,6 +61,21 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = INIT_STD
+  # >0: KV-cache decoding over a cache of this many slots ('cache' collection, flax lm1b style):
+  # x is the next chunk of slots, written at cache_index; mask is [B, 1, chunk, cache_length].
+  cache_length: int = 0
+
+  def _cached_kv(self, k, v):
+    """Writes this chunk's k, v into the cache at cache_index; returns the whole cache."""
+    shape = (k.shape[0], self.cache_length) + k.shape[2:]
+    ck = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+    cv = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+    idx = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    i = idx.value
+    ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k, i, axis=1)
+    cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v, i, axis=1)
+    idx.value = i + k.shape[1]
+    return ck.value, cv.value
 
   def _proj(self, x, name, features, heads, head_dim):
     w = self.param(f"w{name}", normal_init(("embed", "heads", "kv"), self.init_std),
@@ -76,6 +91,8 @@ class Attention(nn.Module):
       raise ValueError(f"embed_dim {features} is not divisible by num_heads {self.num_heads}")
     head_dim = features // self.num_heads
     q, k, v = (self._proj(x, n, features, self.num_heads, head_dim) for n in ("q", "k", "v"))
+    if self.cache_length:
+      k, v = self._cached_kv(k, v)
     if self.dropout_rate > 0.0 and not self.deterministic:
       out = self._explicit_attention(q, k, v, mask, head_dim)
     else:
@@ -127,12 +144,14 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   init_std: float = INIT_STD
+  cache_length: int = 0  # >0: KV-cache decoding (Attention.cache_length)
 
   @nn.compact
   def __call__(self, x, mask):
     h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="ln1")(x)
     h = Attention(self.num_heads, self.attention_dropout_rate, self.deterministic,
-                  self.attention_impl, self.dtype, self.param_dtype, self.init_std, name="attn")(h, mask)
+                  self.attention_impl, self.dtype, self.param_dtype, self.init_std,
+                  self.cache_length, name="attn")(h, mask)
     x = x + nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="ln2")(x)
     h = Mlp(self.mlp_dim, self.dtype, self.param_dtype, self.init_std, name="mlp")(h)
@@ -162,7 +181,7 @@ def scanned_blocks(num_layers: int, remat: bool):
   as `cls(*Block fields, name=...)(x, mask) -> x`."""
   # Under scan, remat's CSE barrier is unnecessary and blocks fusion across the loop body.
   body = maybe_remat(_ScanBlock, remat, prevent_cse=False)
-  scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+  scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
 

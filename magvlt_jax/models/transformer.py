@@ -43,6 +43,10 @@ class VLTransformer(nn.Module):
   scan_layers: bool = False  # one nn.scan over the blocks: params stacked on a "layers" axis
   attention_impl: str = "xla"
   num_segments: int = 0  # >0: add a learned segment embedding per slot (L-Verse BiART [REF]/[GEN])
+  # KV-cache decoding (the AR decoder; same params, `model.clone(decode=True)`): inputs are the
+  # next chunk of slots, attn_mask [B, 1, chunk, L] already causal, the 'cache' collection mutable;
+  # image/text outputs are the next-token logits read at the chunk's last slot, [B, 1, V].
+  decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   init_std: float = layers.INIT_STD  # N(0, init_std) for every weight and embedding table
@@ -101,7 +105,10 @@ class VLTransformer(nn.Module):
     bad = [o for o in outputs if o not in ALL_OUTPUTS]
     if bad:
       raise ValueError(f"VLTransformer: unknown outputs {bad}; expected a subset of {ALL_OUTPUTS}")
-    if inputs.ids.shape[1] != self.seq_length or layout.length != self.seq_length:
+    if self.decode:
+      if "length" in outputs or "hidden" in outputs:
+        raise ValueError("VLTransformer(decode=True) gives only 'image'/'text' next-token logits")
+    elif inputs.ids.shape[1] != self.seq_length or layout.length != self.seq_length:
       raise ValueError(f"VLTransformer: sequence length {inputs.ids.shape[1]} / layout "
                        f"{layout.length} does not match the model's {self.seq_length}")
     vocab = self.image_vocab_size + self.text_vocab_size
@@ -117,11 +124,12 @@ class VLTransformer(nn.Module):
     x = nn.Dropout(self.embedding_dropout_rate, deterministic=deterministic)(x)
     x = layers.constrain(x, ("batch", "length", "embed"))
     mask = attn_mask
-    if self.causal:
+    if self.causal and not self.decode:
       mask = seq.causal_mask(self.seq_length) if mask is None else mask & seq.causal_mask(self.seq_length)
     block_args = (self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
                   self.attention_dropout_rate, self.layer_norm_eps, deterministic,
-                  self.attention_impl, self.dtype, self.param_dtype, self.init_std)
+                  self.attention_impl, self.dtype, self.param_dtype, self.init_std,
+                  self.seq_length if self.decode else 0)
     if self.scan_layers:
       x = layers.scanned_blocks(self.num_layers, self.remat)(*block_args, name="blocks")(x, mask)
     else:
@@ -138,6 +146,13 @@ class VLTransformer(nn.Module):
       norm = layers.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name="head_ln")
       bias = self.param("output_bias", layers.zeros_init(("vocab",)), (vocab,), self.param_dtype)
       shift = 1 if predict_next else 0
+      if self.decode:  # the next token after the chunk's last slot, in each requested modality
+        h = x[:, -1:]
+        if "image" in outputs:
+          result["image"] = self._head(h, tok_table, bias, 0, self.image_vocab_size, dense, norm)
+        if "text" in outputs:
+          result["text"] = self._head(h, tok_table, bias, self.image_vocab_size, vocab, dense, norm)
+        return result
       if "image" in outputs:
         start = layout.image_start - shift
         h = x[:, start:start + self.n_img]

@@ -8,6 +8,8 @@ import importlib
 # name -> "module:class"; imported only when used.
 _KINDS = {
     "magvlt": "magvlt_jax.objectives.magvlt:MagvltObjective",
+    "ar": "magvlt_jax.objectives.ar:ArObjective",
+    "biart": "magvlt_jax.objectives.ar:BiartObjective",
 }
 DEFAULT = "magvlt"
 
