@@ -54,11 +54,13 @@ def ssim(x, y):
 # ----------------------------------------------------------------------------- data
 
 def _tokenizer_data_config(config):
-  """The data config with the tokenizer's batch size (config.vqgan.train.batch_size)."""
+  """The data config with the selected tokenizer's batch size (config.<kind>.train.batch_size)."""
+  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+  batch_size = image_tokenizers.section_of(config).train.batch_size
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.data.global_batch_size = config.vqgan.train.batch_size
-    cfg.data.eval_batch_size = config.vqgan.train.batch_size
+    cfg.data.global_batch_size = batch_size
+    cfg.data.eval_batch_size = batch_size
   return cfg
 
 

@@ -1,0 +1,128 @@
+"""AugVAE tokenizer training (L-Verse): AugVAE-ML for config.augvae.train.ml_steps, then AugVAE-SL
+fine-tuned from it (`augvae.ml_to_sl`) for train.sl_steps. `train_tokenizer(config, workdir)`.
+
+Losses: the VQ-GAN trainer's reconstruction + perceptual term (`vqgan_trainer.reconstruction_loss`)
++ beta * commitment; the one shared codebook moves only by the EMA rule (`vqgan.ema_update`) over
+the assignments of every quantized level at once. No GAN (L-Verse trains AugVAE without one).
+A minimal single-device loop: no orbax checkpoints or resume (a rerun starts over); data, metric
+writer and image metrics are the VQ-GAN trainer's edges (train/vqgan_io.py).
+
+Writes WORKDIR/tokenizer/: params.npz (SL, read by the "augvae" image tokenizer), ml_params.npz,
+eval.json (SL eval PSNR / SSIM / usage / perplexity, plus the last ML metrics per level).
+"""
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from magvlt_jax.models import augvae
+from magvlt_jax.models import vqgan
+from magvlt_jax.train import vqgan_io
+from magvlt_jax.train import vqgan_trainer
+
+PARAMS_FILE = vqgan.PARAMS_FILE
+ML_PARAMS_FILE = "ml_params.npz"
+
+
+def make_optimizer(cfg):
+  return optax.adam(cfg.optimizer.learning_rate, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2)
+
+
+def train_step(params, opt_state, stats, images, lpips_params, *, cfg, stage, tx):
+  """One update of `stage` ("ml" | "sl"). images uint8 [B,S,S,3]. Returns (params, opt_state,
+  stats, metrics) with per-level usage / perplexity (`usage_l{i}`)."""
+  x = vqgan.to_model_range(images)
+  model = augvae.AugVAE(cfg, stage)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, x)
+    nll, (rec, perc) = vqgan_trainer.reconstruction_loss(x, out["recon"], lpips_params, cfg.loss,
+                                                         jnp.dtype(cfg.dtype))
+    return nll + cfg.quantizer.beta * out["commitment_loss"], (out, rec, perc)
+
+  (loss, (out, rec, perc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  z, codes = augvae.flat_latents(out)
+  stats, codebook = vqgan.ema_update(stats, z, codes, cfg.quantizer.ema_decay)
+  params = dict(params, quantize=dict(embedding=codebook.astype(params["quantize"]["embedding"].dtype)))
+  metrics = dict(loss=loss, rec_loss=rec, perceptual_loss=perc, commitment_loss=out["commitment_loss"],
+                 psnr=jnp.mean(vqgan_io.psnr(x, out["recon"])), **vqgan.codebook_metrics(codes, cfg.codebook_size))
+  for i, c in out["codes"].items():
+    m = vqgan.codebook_metrics(c, cfg.codebook_size)
+    metrics.update({f"usage_l{i}": m["usage"], f"perplexity_l{i}": m["perplexity"]})
+  return params, opt_state, stats, metrics
+
+
+def _stage(config, workdir, params, stage, num_steps, iterator, writer, lpips_params, offset):
+  """Runs `num_steps` updates of one stage; returns (params, history)."""
+  cfg = config.augvae
+  tx = make_optimizer(cfg)
+  step_fn = jax.jit(functools.partial(train_step, cfg=cfg, stage=stage, tx=tx))
+  opt_state = tx.init(params)
+  stats = vqgan.init_vq_stats(params["quantize"]["embedding"])
+  history, t0 = [], time.time()
+  for step in range(num_steps):
+    params, opt_state, stats, metrics = step_fn(params, opt_state, stats, next(iterator), lpips_params)
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == num_steps:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      m["steps_per_sec"] = done / (time.time() - t0)
+      vqgan_io.check_finite(m, offset + done)
+      writer.write_scalars(offset + done, {f"tokenizer_{stage}/{k}": v for k, v in m.items()})
+      history.append(dict(step=offset + done, stage=stage, **m))
+  return jax.device_get(params), history
+
+
+def evaluate(config, workdir, params, max_images=None):
+  """SL reconstruction PSNR / SSIM over the eval split, codebook usage / perplexity of its codes."""
+  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+  tok = image_tokenizers.get(config)
+  round_trip = jax.jit(lambda p, im: (lambda c: (c, tok.decode(p, c)))(tok.encode(p, im)))
+  if not max_images:
+    max_images = config.data.synthetic.num_eval if config.data.name == "synthetic" else 1024
+  codes_all, psnrs, ssims, blank = [], [], [], []
+  for images in vqgan_io.eval_images(config, workdir, max_images):
+    codes, recon = round_trip(params, images)
+    x, r = vqgan.to_model_range(images), vqgan.to_model_range(recon)
+    psnrs.append(np.asarray(vqgan_io.psnr(x, r)))
+    ssims.append(np.asarray(vqgan_io.ssim(x, r)))
+    blank.append(np.asarray(vqgan_io.psnr(jnp.zeros_like(x), x)))
+    codes_all.append(np.asarray(codes))
+  cm = jax.device_get(vqgan.codebook_metrics(jnp.asarray(np.concatenate(codes_all)), config.augvae.codebook_size))
+  return dict(psnr=float(np.mean(np.concatenate(psnrs))), ssim=float(np.mean(np.concatenate(ssims))),
+              codebook_usage=float(cm["usage"]), perplexity=float(cm["perplexity"]),
+              num_images=int(sum(len(c) for c in codes_all)), psnr_blank_gray=float(np.mean(np.concatenate(blank))))
+
+
+def train_tokenizer(config, workdir):
+  """ML training, ML -> SL conversion, SL fine-tuning, evaluation, export; returns the eval dict."""
+  cfg = config.augvae
+  lpips_params = vqgan_io.load_lpips(cfg)
+  iterator = vqgan_io.train_images(config, workdir)
+  writer = vqgan_io.make_writer(workdir)
+  t0 = time.time()
+  ml = augvae.init_params(cfg, jax.random.PRNGKey(cfg.seed), stage="ml")
+  logging.info("augvae: ML %d steps, then SL %d steps (batch %d)", cfg.train.ml_steps, cfg.train.sl_steps,
+               cfg.train.batch_size)
+  ml, hist_ml = _stage(config, workdir, ml, "ml", cfg.train.ml_steps, iterator, writer, lpips_params, 0)
+  sl, hist_sl = _stage(config, workdir, augvae.ml_to_sl(ml, cfg), "sl", cfg.train.sl_steps, iterator, writer,
+                       lpips_params, cfg.train.ml_steps)
+  result = evaluate(config, workdir, sl)
+  result.update(train_seconds=time.time() - t0, ml_last=hist_ml[-1] if hist_ml else {})
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "tokenizer")
+    vqgan.save_params_npz(os.path.join(out, ML_PARAMS_FILE), ml)
+    vqgan.save_params_npz(os.path.join(out, PARAMS_FILE), sl)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+      json.dump(dict(result, history=(hist_ml + hist_sl)[-5:]), f, indent=2)
+  writer.write_scalars(cfg.train.ml_steps + cfg.train.sl_steps,
+                       {f"tokenizer/eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+  writer.close()
+  return result
