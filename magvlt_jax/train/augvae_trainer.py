@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from magvlt_jax.models import augvae
@@ -82,23 +81,13 @@ def _stage(config, workdir, params, stage, num_steps, iterator, writer, lpips_pa
 
 def evaluate(config, workdir, params, max_images=None):
   """SL reconstruction PSNR / SSIM over the eval split, codebook usage / perplexity of its codes."""
-  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
-  tok = image_tokenizers.get(config)
-  round_trip = jax.jit(lambda p, im: (lambda c: (c, tok.decode(p, c)))(tok.encode(p, im)))
-  if not max_images:
-    max_images = config.data.synthetic.num_eval if config.data.name == "synthetic" else 1024
-  codes_all, psnrs, ssims, blank = [], [], [], []
-  for images in vqgan_io.eval_images(config, workdir, max_images):
-    codes, recon = round_trip(params, images)
-    x, r = vqgan.to_model_range(images), vqgan.to_model_range(recon)
-    psnrs.append(np.asarray(vqgan_io.psnr(x, r)))
-    ssims.append(np.asarray(vqgan_io.ssim(x, r)))
-    blank.append(np.asarray(vqgan_io.psnr(jnp.zeros_like(x), x)))
-    codes_all.append(np.asarray(codes))
-  cm = jax.device_get(vqgan.codebook_metrics(jnp.asarray(np.concatenate(codes_all)), config.augvae.codebook_size))
-  return dict(psnr=float(np.mean(np.concatenate(psnrs))), ssim=float(np.mean(np.concatenate(ssims))),
-              codebook_usage=float(cm["usage"]), perplexity=float(cm["perplexity"]),
-              num_images=int(sum(len(c) for c in codes_all)), psnr_blank_gray=float(np.mean(np.concatenate(blank))))
+  cfg = config.augvae
+
+  @jax.jit
+  def round_trip(p, images):
+    codes = augvae.encode_sl(p, vqgan.to_model_range(images), cfg)
+    return codes, augvae.decode_sl(p, codes, cfg)
+  return vqgan_io.evaluate_round_trip(config, workdir, params, round_trip, cfg.codebook_size, max_images)
 
 
 def train_tokenizer(config, workdir):
