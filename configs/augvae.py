@@ -34,6 +34,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.quantizer = ml_collections.ConfigDict()
   c.quantizer.beta = 0.25  # commitment weight
   c.quantizer.ema_decay = 0.99
+  # Restart codes unused for a while with this batch's latents (models/vqgan.restart_dead_codes).
+  # On for tiny: without it the shared EMA codebook of a short CPU run collapses to ~5 codes
+  # (benchmarks/RESULTS.md, "AugVAE vs VQ-GAN at tiny size").
+  c.quantizer.dead_code_restart = not paper
+  c.quantizer.dead_code_threshold = 1.0  # EMA usage count below which a code is restarted
+  c.quantizer.usage_decay = 0.9
 
   c.loss = ml_collections.ConfigDict()
   c.loss.reconstruction = "l1" if paper else "l2"

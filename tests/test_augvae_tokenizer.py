@@ -74,7 +74,10 @@ def test_short_ml_then_sl_run_beats_blank(tmp_path):
   workdir = str(tmp_path)
   result = augvae_trainer.train_tokenizer(c, workdir)
   assert result["psnr"] > result["psnr_blank_gray"] + 3.0
-  assert result["codebook_usage"] > 0.0 and result["ml_last"]["usage_l3"] > 0.0
+  # Dead-code restart (on for tiny) keeps the shared codebook in use: most of the 256 codes
+  # appear in the 16 eval images' 1024 codes; without it a short run collapses to a few codes.
+  assert result["codebook_usage"] > 0.5, result
+  assert result["ml_last"]["usage_l3"] > 0.0
   for name in ("params.npz", "ml_params.npz", "eval.json"):
     assert os.path.exists(os.path.join(workdir, "tokenizer", name))
   tok = image_tokenizers.get(c)

@@ -33,6 +33,11 @@ def make_optimizer(cfg):
   return optax.adam(cfg.optimizer.learning_rate, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2)
 
 
+def opt_state_step(opt_state):
+  """Adam's step count (a per-step seed for dead-code restart without extra state)."""
+  return optax.tree_utils.tree_get(opt_state, "count")
+
+
 def train_step(params, opt_state, stats, images, lpips_params, *, cfg, stage, tx):
   """One update of `stage` ("ml" | "sl"). images uint8 [B,S,S,3]. Returns (params, opt_state,
   stats, metrics) with per-level usage / perplexity (`usage_l{i}`)."""
@@ -49,9 +54,16 @@ def train_step(params, opt_state, stats, images, lpips_params, *, cfg, stage, tx
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   z, codes = augvae.flat_latents(out)
-  stats, codebook = vqgan.ema_update(stats, z, codes, cfg.quantizer.ema_decay)
+  q = cfg.quantizer
+  stats = vqgan.track_usage(stats, codes, q.usage_decay)
+  ema_stats, codebook = vqgan.ema_update(stats, z, codes, q.ema_decay)
+  stats = dict(stats, **ema_stats)
+  restarted = jnp.zeros((), jnp.int32)
+  if q.dead_code_restart:  # the VQ-GAN trainer's restart, over every level's latents at once
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), opt_state_step(opt_state))
+    stats, codebook, restarted = vqgan.restart_dead_codes(key, stats, codebook, z, codes, q.dead_code_threshold)
   params = dict(params, quantize=dict(embedding=codebook.astype(params["quantize"]["embedding"].dtype)))
-  metrics = dict(loss=loss, rec_loss=rec, perceptual_loss=perc, commitment_loss=out["commitment_loss"],
+  metrics = dict(loss=loss, rec_loss=rec, restarted_codes=restarted, perceptual_loss=perc, commitment_loss=out["commitment_loss"],
                  psnr=jnp.mean(vqgan_io.psnr(x, out["recon"])), **vqgan.codebook_metrics(codes, cfg.codebook_size))
   for i, c in out["codes"].items():
     m = vqgan.codebook_metrics(c, cfg.codebook_size)
