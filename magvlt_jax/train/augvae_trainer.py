@@ -3,7 +3,8 @@ fine-tuned from it (`augvae.ml_to_sl`) for train.sl_steps. `train_tokenizer(conf
 
 Losses: the VQ-GAN trainer's reconstruction + perceptual term (`vqgan_trainer.reconstruction_loss`)
 + beta * commitment; the one shared codebook moves only by the EMA rule (`vqgan.ema_update`) over
-the assignments of every quantized level at once. No GAN (L-Verse trains AugVAE without one).
+the assignments of every quantized level at once, with optional dead-code restart
+(config.augvae.quantizer.dead_code_restart, on for tiny). No GAN (L-Verse trains AugVAE without one).
 A minimal single-device loop: no orbax checkpoints or resume (a rerun starts over); data, metric
 writer and image metrics are the VQ-GAN trainer's edges (train/vqgan_io.py).
 
