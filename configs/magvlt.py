@@ -22,9 +22,9 @@ import os
 import ml_collections
 
 
-def _vqgan_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqgan.py")
-  spec = importlib.util.spec_from_file_location("_magvlt_vqgan_config", path)
+def _tokenizer_config(name, variant):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_magvlt_{name}_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
@@ -55,7 +55,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.image_tokenizer = "vqgan"  # magvlt_jax/image_tokenizers/; its settings: config.vqgan
 
   # --- image tokenizer (VQ-GAN); its codebook and grid fix the image side of the sequence.
-  c.vqgan = _vqgan_config("tiny" if tiny else "f16_16384")
+  c.vqgan = _tokenizer_config("vqgan", "tiny" if tiny else "f16_16384")
+  # L-Verse AugVAE-SL, used with --config.image_tokenizer=augvae (then set sequence.image_tokens,
+  # image_vocab_size and data.image_size to its grid; tiny: 8x8 x 256 codes, as the VQ-GAN's).
+  c.augvae = _tokenizer_config("augvae", "tiny" if tiny else "sl")
 
   # --- transformer
   layers, width, heads = _SIZES[variant]

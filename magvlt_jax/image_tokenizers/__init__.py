@@ -24,6 +24,7 @@ from typing import Tuple
 # kind -> "module:class"; modules are imported only when their kind is used.
 _KINDS = {
     "vqgan": "magvlt_jax.image_tokenizers.vqgan:VQGANTokenizer",
+    "augvae": "magvlt_jax.image_tokenizers.augvae:AugVAETokenizer",
 }
 DEFAULT_KIND = "vqgan"
 

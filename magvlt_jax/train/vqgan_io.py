@@ -54,11 +54,13 @@ def ssim(x, y):
 # ----------------------------------------------------------------------------- data
 
 def _tokenizer_data_config(config):
-  """The data config with the tokenizer's batch size (config.vqgan.train.batch_size)."""
+  """The data config with the selected tokenizer's batch size (config.<kind>.train.batch_size)."""
+  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+  batch_size = image_tokenizers.section_of(config).train.batch_size
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
-    cfg.data.global_batch_size = config.vqgan.train.batch_size
-    cfg.data.eval_batch_size = config.vqgan.train.batch_size
+    cfg.data.global_batch_size = batch_size
+    cfg.data.eval_batch_size = batch_size
   return cfg
 
 
@@ -163,18 +165,24 @@ def recon_grid(params, images, vcfg):
 def evaluate(config, workdir, params, max_images=None):
   """Reconstruction PSNR/SSIM over the eval split and codebook usage/perplexity of all its codes."""
   vcfg = config.vqgan
+  return evaluate_round_trip(config, workdir, params, functools.partial(round_trip, vcfg=vcfg),
+                             vcfg.codebook_size, max_images)
+
+
+def evaluate_round_trip(config, workdir, params, round_trip_fn, codebook_size, max_images=None):
+  """`evaluate` for any tokenizer: round_trip_fn(params, uint8 images) -> (codes, recon in [-1,1])."""
   if not max_images:
     max_images = config.data.synthetic.num_eval if config.data.name == "synthetic" else 1024
   codes_all, psnrs, ssims, blank = [], [], [], []
   for images in eval_images(config, workdir, max_images):
-    codes, recon = round_trip(params, images, vcfg)
+    codes, recon = round_trip_fn(params, images)
     x = vqgan.to_model_range(images)
     psnrs.append(np.asarray(psnr(x, recon)))
     ssims.append(np.asarray(ssim(x, recon)))
     codes_all.append(np.asarray(codes))
     blank.append(np.asarray(psnr(jnp.zeros_like(x), x)))
   codes = np.concatenate(codes_all)
-  cm = jax.device_get(vqgan.codebook_metrics(jnp.asarray(codes), vcfg.codebook_size))
+  cm = jax.device_get(vqgan.codebook_metrics(jnp.asarray(codes), codebook_size))
   return dict(psnr=float(np.mean(np.concatenate(psnrs))), ssim=float(np.mean(np.concatenate(ssims))),
               codebook_usage=float(cm["usage"]), perplexity=float(cm["perplexity"]),
               num_images=int(len(codes)), psnr_blank_gray=float(np.mean(np.concatenate(blank))))

@@ -104,6 +104,16 @@ def _quantizer_update(vcfg, state, params, out, key):
   return params, stats, restarted
 
 
+def reconstruction_loss(x, recon, lpips_params, loss_cfg, dtype):
+  """rec (L1 / L2, weighted) + perceptual (LPIPS, when its params are given); -> (sum, (rec, perc)).
+  Shared by every tokenizer trainer (VQ-GAN here, AugVAE in augvae_trainer.py)."""
+  err = jnp.abs(x - recon) if loss_cfg.reconstruction == "l1" else (x - recon) ** 2
+  rec = loss_cfg.reconstruction_weight * jnp.mean(err)
+  perc = (loss_cfg.perceptual_weight * jnp.mean(lpips_lib.LPIPS(dtype=dtype).apply({"params": lpips_params}, x, recon))
+          if lpips_params is not None else jnp.zeros((), jnp.float32))
+  return rec + perc, (rec, perc)
+
+
 def train_step(state, images, lpips_params, *, vcfg, gen_tx, disc_tx, gan: bool):
   """One generator (+ discriminator when `gan`) update. images: uint8 [B,H,W,3]."""
   lc = vcfg.loss
@@ -121,13 +131,7 @@ def train_step(state, images, lpips_params, *, vcfg, gen_tx, disc_tx, gan: bool)
 
   (recon, qloss), gen_vjp, out = jax.vjp(gen_forward, state.params, has_aux=True)
 
-  def nll_fn(r):
-    err = jnp.abs(x - r) if lc.reconstruction == "l1" else (x - r) ** 2
-    rec = lc.reconstruction_weight * jnp.mean(err)
-    perc = (lc.perceptual_weight * jnp.mean(lpips_lib.LPIPS(dtype=dtype).apply({"params": lpips_params}, x, r))
-            if lpips_params is not None else jnp.zeros((), jnp.float32))
-    return rec + perc, (rec, perc)
-
+  nll_fn = functools.partial(reconstruction_loss, x, lpips_params=lpips_params, loss_cfg=lc, dtype=dtype)
   (nll, (rec, perc)), g_recon = jax.value_and_grad(nll_fn, has_aux=True)(recon)
   metrics = dict(rec_loss=rec, perceptual_loss=perc, codebook_loss=out["codebook_loss"],
                  commitment_loss=out["commitment_loss"])

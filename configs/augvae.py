@@ -1,0 +1,60 @@
+"""L-Verse AugVAE image tokenizer configs (magvlt_jax/models/augvae.py).
+
+Variants:
+  ml:   AugVAE-ML at paper size: 256 px, latents 64/32/16/8, 256 channels, one 8192-code codebook.
+  sl:   AugVAE-SL at paper size: the 32x32 level only (1024 tokens), fine-tuned from ml.
+  tiny: CPU-sized SL tokenizer: 64 px -> 8x8 codes (the MAGVLT tiny grid), 256 codes; trained as
+        ML (latents 16/8/4/2) for train.ml_steps, then fine-tuned as SL for train.sl_steps.
+
+Usage: nested as config.augvae with config.image_tokenizer = "augvae" (see configs/magvlt.py), or
+--config=configs/augvae.py:tiny for the model alone.
+"""
+import ml_collections
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  if variant not in ("ml", "sl", "tiny"):
+    raise ValueError(f"configs/augvae.py: unknown variant {variant!r}; expected 'ml', 'sl' or 'tiny'")
+  paper = variant != "tiny"
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  c.checkpoint = ""  # SL params (.npz or a tokenizer dir); empty: train one into WORKDIR/tokenizer
+  c.stage = "ml" if variant == "ml" else "sl"  # the architecture this config builds / encodes with
+  c.dtype = "float32"  # the paper runs AugVAE in fp32 (the VQ underflows in fp16)
+  c.param_dtype = "float32"
+  c.image_size = 256 if paper else 64
+  c.latent_channels = 256 if paper else 32  # = codebook vector size
+  c.hidden_channels = 256 if paper else 32  # width inside E / G (our choice; see the model docstring)
+  c.num_res_blocks = 2 if paper else 1
+  c.norm_groups = 32 if paper else 8
+  c.norm_type = "group" if paper else "layer"  # tiny: local codes, as configs/vqgan.py:tiny
+  c.codebook_size = 8192 if paper else 256
+
+  c.quantizer = ml_collections.ConfigDict()
+  c.quantizer.beta = 0.25  # commitment weight
+  c.quantizer.ema_decay = 0.99
+  # Restart codes unused for a while with this batch's latents (models/vqgan.restart_dead_codes).
+  # On for tiny: without it the shared EMA codebook of a short CPU run collapses to ~5 codes
+  # (benchmarks/RESULTS.md, "AugVAE vs VQ-GAN at tiny size").
+  c.quantizer.dead_code_restart = not paper
+  c.quantizer.dead_code_threshold = 1.0  # EMA usage count below which a code is restarted
+  c.quantizer.usage_decay = 0.9
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.reconstruction = "l1" if paper else "l2"
+  c.loss.reconstruction_weight = 1.0
+  c.loss.perceptual_weight = 1.0
+  c.loss.vgg_weights = ""  # LPIPS weights (as config.vqgan.loss.vgg_weights); off when empty
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 2e-4 if paper else 2e-3
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.99
+
+  c.train = ml_collections.ConfigDict()
+  c.train.ml_steps = 300000 if paper else 600  # AugVAE-ML training
+  c.train.sl_steps = 100000 if paper else 600  # AugVAE-SL fine-tuning from the ML params
+  c.train.batch_size = 64 if paper else 8
+  c.train.log_every = 100 if paper else 50
+  return c

@@ -1,0 +1,130 @@
+"""AugVAE tokenizer training (L-Verse): AugVAE-ML for config.augvae.train.ml_steps, then AugVAE-SL
+fine-tuned from it (`augvae.ml_to_sl`) for train.sl_steps. `train_tokenizer(config, workdir)`.
+
+Losses: the VQ-GAN trainer's reconstruction + perceptual term (`vqgan_trainer.reconstruction_loss`)
++ beta * commitment; the one shared codebook moves only by the EMA rule (`vqgan.ema_update`) over
+the assignments of every quantized level at once, with optional dead-code restart
+(config.augvae.quantizer.dead_code_restart, on for tiny). No GAN (L-Verse trains AugVAE without one).
+A minimal single-device loop: no orbax checkpoints or resume (a rerun starts over); data, metric
+writer and image metrics are the VQ-GAN trainer's edges (train/vqgan_io.py).
+
+Writes WORKDIR/tokenizer/: params.npz (SL, read by the "augvae" image tokenizer), ml_params.npz,
+eval.json (SL eval PSNR / SSIM / usage / perplexity, plus the last ML metrics per level).
+"""
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from magvlt_jax.models import augvae
+from magvlt_jax.models import vqgan
+from magvlt_jax.train import vqgan_io
+from magvlt_jax.train import vqgan_trainer
+
+PARAMS_FILE = vqgan.PARAMS_FILE
+ML_PARAMS_FILE = "ml_params.npz"
+
+
+def make_optimizer(cfg):
+  return optax.adam(cfg.optimizer.learning_rate, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2)
+
+
+def opt_state_step(opt_state):
+  """Adam's step count (a per-step seed for dead-code restart without extra state)."""
+  return optax.tree_utils.tree_get(opt_state, "count")
+
+
+def train_step(params, opt_state, stats, images, lpips_params, *, cfg, stage, tx):
+  """One update of `stage` ("ml" | "sl"). images uint8 [B,S,S,3]. Returns (params, opt_state,
+  stats, metrics) with per-level usage / perplexity (`usage_l{i}`)."""
+  x = vqgan.to_model_range(images)
+  model = augvae.AugVAE(cfg, stage)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, x)
+    nll, (rec, perc) = vqgan_trainer.reconstruction_loss(x, out["recon"], lpips_params, cfg.loss,
+                                                         jnp.dtype(cfg.dtype))
+    return nll + cfg.quantizer.beta * out["commitment_loss"], (out, rec, perc)
+
+  (loss, (out, rec, perc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  z, codes = augvae.flat_latents(out)
+  q = cfg.quantizer
+  stats = vqgan.track_usage(stats, codes, q.usage_decay)
+  ema_stats, codebook = vqgan.ema_update(stats, z, codes, q.ema_decay)
+  stats = dict(stats, **ema_stats)
+  restarted = jnp.zeros((), jnp.int32)
+  if q.dead_code_restart:  # the VQ-GAN trainer's restart, over every level's latents at once
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), opt_state_step(opt_state))
+    stats, codebook, restarted = vqgan.restart_dead_codes(key, stats, codebook, z, codes, q.dead_code_threshold)
+  params = dict(params, quantize=dict(embedding=codebook.astype(params["quantize"]["embedding"].dtype)))
+  metrics = dict(loss=loss, rec_loss=rec, restarted_codes=restarted, perceptual_loss=perc, commitment_loss=out["commitment_loss"],
+                 psnr=jnp.mean(vqgan_io.psnr(x, out["recon"])), **vqgan.codebook_metrics(codes, cfg.codebook_size))
+  for i, c in out["codes"].items():
+    m = vqgan.codebook_metrics(c, cfg.codebook_size)
+    metrics.update({f"usage_l{i}": m["usage"], f"perplexity_l{i}": m["perplexity"]})
+  return params, opt_state, stats, metrics
+
+
+def _stage(config, workdir, params, stage, num_steps, iterator, writer, lpips_params, offset):
+  """Runs `num_steps` updates of one stage; returns (params, history)."""
+  cfg = config.augvae
+  tx = make_optimizer(cfg)
+  step_fn = jax.jit(functools.partial(train_step, cfg=cfg, stage=stage, tx=tx))
+  opt_state = tx.init(params)
+  stats = vqgan.init_vq_stats(params["quantize"]["embedding"])
+  history, t0 = [], time.time()
+  for step in range(num_steps):
+    params, opt_state, stats, metrics = step_fn(params, opt_state, stats, next(iterator), lpips_params)
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == num_steps:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      m["steps_per_sec"] = done / (time.time() - t0)
+      vqgan_io.check_finite(m, offset + done)
+      writer.write_scalars(offset + done, {f"tokenizer_{stage}/{k}": v for k, v in m.items()})
+      history.append(dict(step=offset + done, stage=stage, **m))
+  return jax.device_get(params), history
+
+
+def evaluate(config, workdir, params, max_images=None):
+  """SL reconstruction PSNR / SSIM over the eval split, codebook usage / perplexity of its codes."""
+  cfg = config.augvae
+
+  @jax.jit
+  def round_trip(p, images):
+    codes = augvae.encode_sl(p, vqgan.to_model_range(images), cfg)
+    return codes, augvae.decode_sl(p, codes, cfg)
+  return vqgan_io.evaluate_round_trip(config, workdir, params, round_trip, cfg.codebook_size, max_images)
+
+
+def train_tokenizer(config, workdir):
+  """ML training, ML -> SL conversion, SL fine-tuning, evaluation, export; returns the eval dict."""
+  cfg = config.augvae
+  lpips_params = vqgan_io.load_lpips(cfg)
+  iterator = vqgan_io.train_images(config, workdir)
+  writer = vqgan_io.make_writer(workdir)
+  t0 = time.time()
+  ml = augvae.init_params(cfg, jax.random.PRNGKey(cfg.seed), stage="ml")
+  logging.info("augvae: ML %d steps, then SL %d steps (batch %d)", cfg.train.ml_steps, cfg.train.sl_steps,
+               cfg.train.batch_size)
+  ml, hist_ml = _stage(config, workdir, ml, "ml", cfg.train.ml_steps, iterator, writer, lpips_params, 0)
+  sl, hist_sl = _stage(config, workdir, augvae.ml_to_sl(ml, cfg), "sl", cfg.train.sl_steps, iterator, writer,
+                       lpips_params, cfg.train.ml_steps)
+  result = evaluate(config, workdir, sl)
+  result.update(train_seconds=time.time() - t0, ml_last=hist_ml[-1] if hist_ml else {})
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "tokenizer")
+    vqgan.save_params_npz(os.path.join(out, ML_PARAMS_FILE), ml)
+    vqgan.save_params_npz(os.path.join(out, PARAMS_FILE), sl)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+      json.dump(dict(result, history=(hist_ml + hist_sl)[-5:]), f, indent=2)
+  writer.write_scalars(cfg.train.ml_steps + cfg.train.sl_steps,
+                       {f"tokenizer/eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+  writer.close()
+  return result
