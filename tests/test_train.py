@@ -5,12 +5,12 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from magvlt_jax import checkpoints
 from magvlt_jax import main as main_lib
+from magvlt_jax import parallel
 from magvlt_jax.configs_util import load_config
 from magvlt_jax.models import transformer
 from magvlt_jax.models import vqgan
@@ -95,7 +95,25 @@ def _fake_batch(c, b=4):
           "text_length": np.full((b,), 5, np.int32)}
 
 
-def test_sigterm_saves_and_nonfinite_guard_stops(tmp_path):
+def _count_guarded_reads(monkeypatch):
+  """Counts device->host reads of jax Arrays made while the transfer guard says
+  "disallow_explicit". On GPU/TPU the guard itself raises; on CPU an Array already lives in host
+  memory, so the guard never fires and this hook on ArrayImpl._value (private jax API; every
+  int()/float()/np.asarray()/device_get goes through it) does the counting instead."""
+  from jax._src import array as jax_array  # pylint: disable=import-outside-toplevel
+  from jax._src import config as jax_config  # pylint: disable=import-outside-toplevel
+  original, reads = jax_array.ArrayImpl._value, []
+
+  def counted(self):
+    if jax_config.transfer_guard_device_to_host.value == "disallow_explicit":
+      reads.append(self.aval.str_short())
+    return original.fget(self)
+
+  monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(counted))
+  return reads
+
+
+def test_sigterm_saves_and_nonfinite_guard_stops(tmp_path, monkeypatch):
   c = small_config(num_steps=10)
   c.train.use_unroll = c.train.use_mixsel = False  # smaller program; the loop is under test
   c.train.checkpoint_every, c.train.max_nonfinite_in_row = 100, 2
@@ -104,21 +122,47 @@ def test_sigterm_saves_and_nonfinite_guard_stops(tmp_path):
   store = checkpoints.CheckpointStore(str(tmp_path / "checkpoints"), keep=2, save_every=100)
   writer = metric_writer.MetricWriter(str(tmp_path))
   batch = _fake_batch(c)
-  # SIGTERM during step 2: the loop finishes that step, saves (off the save interval) and stops.
-  state, _ = trainer._loop(c, setup, setup.init_state(0), _FakeIterator(batch, term_at=2), store,
+  # SIGTERM while batch 3 is read, i.e. during step 2 (batch k+1 is prefetched while step k runs):
+  # the loop finishes step 2, saves it (off the save interval) with the iterator position of
+  # batch 2, not of the prefetched batch 3, and stops.
+  state, _ = trainer._loop(c, setup, setup.init_state(0), _FakeIterator(batch, term_at=3), store,
                            writer)
   assert int(state.step) == 2 and store.latest_step() == 2
+  _, data_state = store.restore(2, setup.abstract_state())
+  assert data_state == {"next_batch": 2}
+  # The step donates its input state: every later state is a fresh copy of this host one.
+  host = jax.device_get(state)
+  fresh = lambda **kw: parallel.shard_train_state(host.replace(**kw), setup.shardings)
+  good = host.params
+  nan_params = dict(good, output_bias=good["output_bias"] * np.nan)
   # A NaN param makes the loss NaN: the update is skipped (params kept) and counted.
-  good = jax.device_get(state.params)
-  bad = state.replace(params=dict(state.params, output_bias=state.params["output_bias"] * jnp.nan))
-  new, metrics = setup.step_fn(bad, setup.global_batch(batch), setup.tokenizer_params, setup.base_rng(1),
-                               setup.empty_metrics())
+  bad = fresh(params=nan_params)
+  new, metrics = setup.step_fn(bad, setup.global_batch(batch), setup.tokenizer_params,
+                               setup.base_rng(1), setup.empty_metrics())
   assert int(new.step) == 3 and int(new.nonfinite_in_row) == 1 and int(new.nonfinite_total) == 1
   np.testing.assert_array_equal(np.asarray(new.params["pos_img"]), good["pos_img"])
   assert steps_lib.compute_metrics(metrics)["nonfinite"] == 1.0
   # One more in a row reaches config.train.max_nonfinite_in_row=2: a clear stop.
   with pytest.raises(trainer.NonFiniteError, match=r"2 non-finite losses/gradients in a row"):
     trainer._loop(c, setup, new, _FakeIterator(batch), store, writer)
+  # At the limit the step halts: even a finite batch changes nothing but the step count.
+  halted, _ = setup.step_fn(fresh(nonfinite_in_row=np.int32(2)), setup.global_batch(batch), setup.tokenizer_params,
+                            setup.base_rng(1), setup.empty_metrics())
+  assert int(halted.step) == 3 and int(halted.nonfinite_in_row) == 2
+  assert int(halted.nonfinite_total) == 0
+  np.testing.assert_array_equal(np.asarray(halted.params["pos_img"]), good["pos_img"])
+  # Logging every 5 steps, under a guard that forbids any device->host read outside the loop's
+  # log/save steps: steps 1-4 never sync, the NaN run still stops with exactly 2 skipped updates.
+  c5 = small_config(num_steps=10)
+  c5.train.update(log_every=5, checkpoint_every=100, max_nonfinite_in_row=2)
+  reads = _count_guarded_reads(monkeypatch)
+  with jax.transfer_guard_device_to_host("disallow_explicit"):
+    with pytest.raises(trainer.NonFiniteError, match=r"step 5: 2 non-finite .*; 2 skipped updates"):
+      trainer._loop(c5, setup, fresh(params=nan_params), _FakeIterator(batch), store, writer)
+    c5.train.num_steps = 2 + 4  # a clean run from step 2 to 6, logging only at 5 and 6
+    clean, last = trainer._loop(c5, setup, fresh(), _FakeIterator(batch), store, writer)
+  assert reads == []  # no read outside the loop's allowed (log/save) steps
+  assert int(clean.step) == 6 and np.isfinite(last["loss"])
   store.close()
   writer.close()
 

@@ -4,8 +4,11 @@
   - the loss is the config's objective (objectives.create; MAGVLT: one lax.switch over the
     tasks, one program);
   - a non-finite loss or gradient norm skips the update (params and optimizer state are kept,
-    `nonfinite_in_row` / `nonfinite_total` count it; the host stops the run after
-    config.train.max_nonfinite_in_row in a row);
+    `nonfinite_in_row` / `nonfinite_total` count it);
+  - once `nonfinite_in_row` reaches `max_nonfinite_in_row` the step halts: it changes nothing but
+    `state.step`, so a run never does more than that many skipped updates even though the host
+    reads the counters only every config.train.log_every steps (and before a save); the host
+    then stops the run with a clear error;
   - `state.step` counts batches consumed (skipped ones too), so it always equals the data
     iterator position; the LR schedule follows optax's own count of applied updates;
   - metrics are clu `Average`s (the generic loss / grad norm / LR / non-finite fields plus the
@@ -65,26 +68,32 @@ def compute_metrics(collection) -> Dict[str, float]:
 
 
 def train_step(state, batch, tok_params, rng, metrics, *, objective: common.Objective,
-               tx: optax.GradientTransformation, schedule):
-  """One optimizer step (see the module docstring). rng: the run's base key."""
+               tx: optax.GradientTransformation, schedule, max_nonfinite_in_row: int = 0):
+  """One optimizer step (see the module docstring). rng: the run's base key.
+  max_nonfinite_in_row=0: never halt (the AOT tool and tests of the step alone)."""
   rng = jax.random.fold_in(rng, state.step)
   batch = {k: batch[k] for k in objective.batch_keys}
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, tok_params, batch, rng)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  halted = (state.nonfinite_in_row >= max_nonfinite_in_row if max_nonfinite_in_row > 0
+            else jnp.zeros((), bool))
+  apply = finite & ~halted
   # Zeroed grads keep NaNs out of the (discarded) update maths.
   grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
   applied = _applied_updates(state.opt_state)
+  in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
   new_state = state.replace(
       step=state.step + 1,
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
-      nonfinite_in_row=jnp.where(finite, 0, state.nonfinite_in_row + 1).astype(jnp.int32),
-      nonfinite_total=(state.nonfinite_total + (~finite).astype(jnp.int32)).astype(jnp.int32))
+      nonfinite_in_row=jnp.where(halted, state.nonfinite_in_row, in_row).astype(jnp.int32),
+      nonfinite_total=(state.nonfinite_total
+                       + (~finite & ~halted).astype(jnp.int32)).astype(jnp.int32))
   inputs = dict(objective.metric_inputs(aux), grad_norm=jnp.where(finite, grad_norm, 0.0),
                 finite=finite.astype(jnp.float32), nonfinite=1.0 - finite.astype(jnp.float32),
                 learning_rate=schedule(applied))

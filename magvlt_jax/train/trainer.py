@@ -26,6 +26,7 @@ from magvlt_jax import text as text_lib
 from magvlt_jax.models import transformer
 from magvlt_jax.train import metric_writer
 from magvlt_jax.train import optimizer as optimizer_lib
+from magvlt_jax.train import prefetch as prefetch_lib
 from magvlt_jax.train import steps as steps_lib
 from magvlt_jax.train import train_state as train_state_lib
 
@@ -80,7 +81,8 @@ class Setup:
     self.tokenizer_params = jax.device_put(tokenizer_params, rep)
     self.step_fn = parallel.jit_train_step(
         functools.partial(steps_lib.train_step, objective=self.objective, tx=self.tx,
-                          schedule=self.schedule),
+                          schedule=self.schedule,
+                          max_nonfinite_in_row=int(config.train.max_nonfinite_in_row)),
         self.shardings, parallel.batch_sharding(self.mesh, self.rules), mesh=self.mesh,
         rules=self.rules, extra_in_shardings=(rep, rep, rep))
 
@@ -117,17 +119,29 @@ def _log_progress(writer, step, num_steps, metrics, t_start, start_step, extra):
   return values
 
 
-def _check_nonfinite(state, limit: int, step: int):
-  in_row = int(jax.device_get(state.nonfinite_in_row))
-  if in_row:
-    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
-                    step, in_row, int(jax.device_get(state.nonfinite_total)))
+def _host_read(tree):
+  """The loop's deliberate device->host reads (log, save and sample steps only). They are allowed
+  even under a transfer guard that forbids every other read: the tests run the loop inside
+  `jax.transfer_guard_device_to_host("disallow_explicit")` to prove the steady state never syncs."""
+  with jax.transfer_guard_device_to_host("allow"):
+    return jax.device_get(tree)
+
+
+def _check_nonfinite(state, limit: int, step: int, seen_total: int) -> int:
+  """Reads the on-device counters (one transfer); raises once the in-row count reached `limit`
+  (the step itself halted there, so no more than `limit` updates were skipped). Returns the total."""
+  in_row, total = (int(x) for x in _host_read((state.nonfinite_in_row, state.nonfinite_total)))
+  if total > seen_total:
+    logging.warning("by step %d: %d non-finite losses or gradients since the last check, updates "
+                    "skipped (%d in a row, %d total)", step, total - seen_total, in_row, total)
   if in_row >= limit:
     raise NonFiniteError(
         f"training stopped at step {step}: {in_row} non-finite losses/gradients in a row "
-        f"(config.train.max_nonfinite_in_row={limit}). Lower config.optimizer.peak_lr, raise "
+        f"(config.train.max_nonfinite_in_row={limit}; {total} skipped updates in total, later "
+        f"steps halted). Lower config.optimizer.peak_lr, raise "
         f"config.optimizer.warmup_steps, or use model.dtype=float32; the last good checkpoint is "
         f"in the workdir's checkpoints/.")
+  return total
 
 
 def train_and_evaluate(config, workdir: str):
@@ -162,28 +176,41 @@ def train_and_evaluate(config, workdir: str):
 
 
 def _loop(config, setup, state, iterator, store, writer):
+  """Asynchronous: the host dispatches step k, then reads and transfers batch k+1 while it runs;
+  it reads device values only on log, save and sample steps (non-finite counters included)."""
   from magvlt_jax.train import samples  # pylint: disable=import-outside-toplevel
   t = config.train
-  num_steps, start = int(t.num_steps), int(jax.device_get(state.step))
+  num_steps, start = int(t.num_steps), int(_host_read(state.step))
+  limit, log_every, save_every = (int(t.max_nonfinite_in_row), int(t.log_every),
+                                  int(t.checkpoint_every))
   rng = setup.base_rng(int(config.seed) + 1)
   metrics = setup.empty_metrics()
+  feed = prefetch_lib.DevicePrefetch(iterator, setup.global_batch)
   logging.info("transformer: training steps %d..%d, global batch %d, %d devices", start,
                num_steps, config.data.global_batch_size, jax.device_count())
-  last, t0 = {}, time.time()
+  last, t0, seen_total = {}, time.time(), int(_host_read(state.nonfinite_total))
   with _Preemption() as preempt:
     for step in range(start + 1, num_steps + 1):
-      batch = setup.global_batch(next(iterator))
+      batch, data_state = next(feed)
       state, metrics = setup.step_fn(state, batch, setup.tokenizer_params, rng, metrics)
-      _check_nonfinite(state, int(t.max_nonfinite_in_row), step)
-      if step % int(t.log_every) == 0 or step == num_steps:
-        last = _log_progress(writer, step, num_steps, metrics, t0, start,
-                             {"nonfinite_total": float(jax.device_get(state.nonfinite_total))})
+      if step < num_steps and not preempt.requested:
+        feed.prefetch()
+      final = preempt.requested or step == num_steps
+      log, save = step % log_every == 0 or step == num_steps, final or step % save_every == 0
+      if log or save:  # never log or save a state past the non-finite limit
+        seen_total = _check_nonfinite(state, limit, step, seen_total)
+      if log:
+        with jax.transfer_guard_device_to_host("allow"):
+          last = _log_progress(writer, step, num_steps, metrics, t0, start,
+                               {"nonfinite_total": float(seen_total)})
         metrics = setup.empty_metrics()
-      store.save(step, state, data_state=iterator.get_state(),
-                 force=preempt.requested or step == num_steps)
+      if save:
+        with jax.transfer_guard_device_to_host("allow"):
+          store.save(step, state, data_state=data_state, force=final)
       if step % int(t.sample_every) == 0 and step < num_steps:
-        samples.write_samples(config, setup.workdir, setup, state.params,
-                              setup.text_tokenizer, step, writer)
+        with jax.transfer_guard_device_to_host("allow"):
+          samples.write_samples(config, setup.workdir, setup, state.params,
+                                setup.text_tokenizer, step, writer)
       if preempt.requested:
         logging.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
         break

@@ -28,6 +28,7 @@ from magvlt_jax import checkpoints, parallel
 from magvlt_jax.models import discriminator as disc_lib
 from magvlt_jax.models import lpips as lpips_lib
 from magvlt_jax.models import vqgan
+from magvlt_jax.train import prefetch as prefetch_lib
 from magvlt_jax.train import vqgan_io
 
 
@@ -199,10 +200,14 @@ def train_tokenizer(config, workdir):
   logging.info("tokenizer: training steps %d..%d (batch %d, %s)", start, vcfg.train.num_steps,
                vcfg.train.batch_size, "GAN from step %d" % vcfg.loss.disc_start)
   t0, history = time.time(), []
+  # Batch k+1 is read and put on the mesh while step k runs (see train/prefetch.py).
+  feed = prefetch_lib.DevicePrefetch(iterator, lambda b: parallel.global_batch(b, mesh, rules))
   for step in range(start, vcfg.train.num_steps):
-    batch = parallel.global_batch(next(iterator), mesh, rules)
+    batch, data_state = next(feed)
     state, metrics = steps[step >= vcfg.loss.disc_start](state, batch, lpips_params)
     done = step + 1
+    if done < vcfg.train.num_steps:
+      feed.prefetch()
     if done % vcfg.train.log_every == 0 or done == vcfg.train.num_steps:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       m["steps_per_sec"] = (done - start) / (time.time() - t0)
@@ -211,7 +216,7 @@ def train_tokenizer(config, workdir):
       history.append(dict(step=done, **m))
     if done % vcfg.train.image_every == 0 or done == vcfg.train.num_steps:
       writer.write_images(done, {"tokenizer/reconstructions": vqgan_io.recon_grid(state.params, grid_images, vcfg)})
-    store.save(done, state, data_state=iterator.get_state(), force=done == vcfg.train.num_steps)
+    store.save(done, state, data_state=data_state, force=done == vcfg.train.num_steps)
   store.close()
   params = jax.device_get(state.params)
   result = vqgan_io.evaluate(config, workdir, params)
