@@ -1,6 +1,7 @@
 """Fault tolerance of the real entry point (`python -m magvlt_jax.main`, in subprocesses):
 a run SIGKILLed at a random step after its first checkpoint and restarted ends bit-identical to an
-uninterrupted run (params, optimizer state, step, the next data batch)."""
+uninterrupted run (params, optimizer state, step, the next data batch); a 2-process run through
+`magvlt_jax.tools.local_cluster` (jax.distributed on localhost) trains and writes one checkpoint."""
 import os
 import random
 import re
@@ -146,3 +147,28 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   assert sorted(batch_a) == sorted(batch_b)
   for k in batch_a:
     np.testing.assert_array_equal(batch_a[k], batch_b[k], err_msg=f"next batch {k!r}")
+
+
+@pytest.mark.slow
+def test_two_process_local_cluster_run_writes_one_checkpoint(tmp_path):
+  workdir = str(tmp_path / "pod")
+  overrides = {"train.num_steps": 2, "train.checkpoint_every": 2, "data.global_batch_size": 16,
+               "vqgan.checkpoint": write_tokenizer(str(tmp_path / "tokenizer"))}
+  # Text tokenizer and dataset prepared up front: the processes of a pod share them.
+  text_lib.get_or_train_tokenizer(small_config(**overrides), workdir)
+  cmd = [sys.executable, "-m", "magvlt_jax.tools.local_cluster", "--processes=2",
+         "--devices_per_process=2", "--"] + main_cmd(workdir, **overrides)[3:]
+  log = str(tmp_path / "pod.log")
+  _run(cmd, log)
+  out = open(log).read()
+  for pid in (0, 1):
+    assert f"[p{pid}]" in out and f"(host {pid} of 2)" in out, out[-3000:]
+  assert "global batch 16, 4 devices" in out
+  assert _complete_steps(os.path.join(workdir, "checkpoints")) == [2]
+  # Saved from 4 devices over 2 processes; read back here on one (a target with its sharding).
+  params = checkpoints.load_params(workdir, step=2)
+  assert params and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      os.path.join(workdir, "checkpoints", "2", "data"))
+  assert data["iterator"]["next_batch"] == 2
+  assert os.path.exists(os.path.join(workdir, "samples", "step_2", "t2i.png"))  # once, by p0
