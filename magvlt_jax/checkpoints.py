@@ -7,12 +7,17 @@ Layout of one step (orbax 0.12.x `ocp.args.Composite`):
                       the batches an uninterrupted run would have seen.
 
 Which steps are written is a save-decision policy (every `save_every` steps, or `force=True`, e.g. on
-SIGTERM); which are kept is a preservation policy (the latest `keep`). Also here: `load_params`
+SIGTERM); which are kept is a preservation policy (the latest `keep`). A save cut off by a crash
+leaves only orbax's `<step>.orbax-checkpoint-tmp-*` folder, never a `<step>` one, so it is never
+restored; a finalized step that is unreadable later (truncated or corrupted files) is reported by
+name, moved aside to `<step>.unreadable-<time>` and `restore_latest` falls back to the previous
+step (a checkpoint of another model shape is not corruption: that stays an error). Also here: `load_params`
 (params only, shape-checked, for the sampler/eval) and WORKDIR/config.json helpers.
 """
 import json
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
@@ -23,6 +28,14 @@ import orbax.checkpoint as ocp
 _STATE = "state"
 _DATA = "data"
 _policies = ocp.checkpoint_managers
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose shapes do not match the configured model (not corruption)."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No finalized checkpoint in a directory could be read (each one truncated or corrupted)."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -93,12 +106,44 @@ class CheckpointStore:
     return out[_STATE], data.get("iterator")
 
   def restore_latest(self, abstract_state: Any) -> tuple:
-    """(state, data_state) of the latest step, or (None, None) when there is no checkpoint."""
-    step = self.latest_step()
-    if step is None:
-      return None, None
-    logging.info("Restoring checkpoint step %d from %s", step, self.directory)
-    return self.restore(step, abstract_state)
+    """(state, data_state) of the latest readable step, or (None, None) when there is no checkpoint.
+
+    An unreadable step is logged with its path and the error, moved aside (kept for inspection;
+    the run will write that step again) and the previous one is tried."""
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      where = os.path.join(self.directory, str(step))
+      logging.info("Restoring checkpoint step %d from %s", step, self.directory)
+      try:
+        out = self.restore(step, abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        failures.append(f"  {where}: {type(e).__name__}: {str(e)[:300]}")
+        logging.error("checkpoint %s is unreadable (truncated or corrupted?): %s: %s; moved to %s "
+                      "and trying the previous step", where, type(e).__name__, str(e)[:300],
+                      self._move_aside(step))
+        continue
+      if failures:
+        logging.warning("Restored checkpoint step %d from %s after %d unreadable newer step(s)",
+                        step, self.directory, len(failures))
+      return out
+    if failures:
+      raise UnreadableCheckpointError(
+          f"no readable checkpoint in {self.directory} (each was moved to <step>.unreadable-*; "
+          f"delete them to start from scratch):\n" + "\n".join(failures))
+    return None, None
+
+  def _move_aside(self, step: int) -> str:
+    """Renames DIR/<step> to DIR/<step>.unreadable-<time> (process 0) and reloads the step list."""
+    target = os.path.join(self.directory, f"{step}.unreadable-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"magvlt_jax.checkpoints.move_aside_{step}")
+    self._manager.reload()
+    return target
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -144,13 +189,15 @@ def _check_shapes(metadata: Any, abstract: Any, where: str, prefix: str = ""):
   wanted = _leaf_shapes(abstract)
   if prefix:
     saved = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+  if not saved and wanted:  # unreadable metadata, not a model mismatch
+    raise RuntimeError(f"checkpoint {where}: its metadata lists no arrays (truncated or corrupted?)")
   bad = [f"  {k}: checkpoint {saved[k]} vs model {wanted[k]}"
          for k in sorted(wanted) if k in saved and saved[k] != wanted[k]]
   missing = [f"  {k}: not in checkpoint" for k in sorted(wanted) if k not in saved]
   if bad or missing:
     lines = bad + missing[:20] + ([f"  ... {len(missing) - 20} more missing"] if len(missing) > 20 else [])
     hint = _layer_layout_hint(saved, wanted)
-    raise ValueError(f"checkpoint {where} does not match the configured model "
+    raise CheckpointMismatchError(f"checkpoint {where} does not match the configured model "
                      f"(does the config match the one it was trained with?){hint}:\n" + "\n".join(lines))
 
 

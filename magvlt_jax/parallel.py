@@ -238,6 +238,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put_replicated(tree, mesh: Mesh):
+  """`tree` (host values or single-device arrays, typed PRNG keys included) replicated on `mesh`,
+  also when the mesh spans processes: a committed single-device jax.Array cannot be device_put
+  onto another process's devices, its host copy can (every process passes the same value)."""
+  sharding = replicated(mesh)
+
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(jax.device_get(x)), sharding)
+
+  return jax.tree.map(one, tree)
+
+
 def global_batch(host_local_batch, mesh: Mesh, rules: Rules | None = None):
   """Host-local numpy batch (this process's rows) -> global jax.Arrays sharded over the batch.
 

@@ -1,5 +1,11 @@
 """Checkpoint store: save/restore round trip (incl. optax state types and iterator state), keep-N,
-save interval, resume from latest, params-only loading and the shape-mismatch error."""
+save interval, resume from latest, params-only loading and the shape-mismatch error; a truncated or
+corrupted latest step is named and skipped for the previous one, a cut-off save is never restored."""
+import logging
+import os
+import re
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -101,3 +107,94 @@ def test_config_json_roundtrip(tmp_path):
   back = checkpoints.load_config(str(tmp_path))
   assert back.train.task_weights == (8.0, 1.0, 1.0)
   assert back.train.num_steps == 3 and back.name == "x"
+
+
+def _saved_store(directory, steps):
+  state, _ = _state()
+  store = checkpoints.CheckpointStore(directory, keep=5, save_every=1)
+  for s in steps:
+    store.save(s, state.replace(step=jnp.asarray(s)), data_state={"next_batch": s})
+  store.wait()
+  return store, state
+
+
+def _truncate_arrays(step_dir):
+  """Cuts every array-data file of a step to half (a disk that filled up, a copy cut short)."""
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.sep + "d" + os.sep in path + os.sep or root.endswith(os.sep + "d"):
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated_arrays", "missing_metadata", "garbage_metadata"])
+def test_unreadable_latest_falls_back_to_previous(tmp_path, caplog, damage):
+  directory = str(tmp_path / "ckpt")
+  store, state = _saved_store(directory, [1, 2, 3])
+  store.close()
+  step3 = os.path.join(directory, "3")
+  if damage == "truncated_arrays":
+    _truncate_arrays(step3)
+  elif damage == "missing_metadata":
+    os.remove(os.path.join(step3, "state", "_METADATA"))
+  else:
+    with open(os.path.join(step3, "state", "_METADATA"), "w") as f:
+      f.write("{not json")
+  again = checkpoints.CheckpointStore(directory, keep=5, save_every=1)
+  with caplog.at_level(logging.INFO):
+    restored, data = again.restore_latest(state)
+  assert int(restored.step) == 2 and data == {"next_batch": 2}
+  log = caplog.text
+  assert f"checkpoint {step3} is unreadable" in log
+  assert "Restored checkpoint step 2" in log
+  # The damaged step is kept aside (not deleted) and no longer listed; the run can save step 3 again.
+  assert again.all_steps() == [1, 2]
+  assert [n for n in os.listdir(directory) if n.startswith("3.unreadable-")]
+  assert again.save(3, state.replace(step=jnp.asarray(3)), force=True)
+  again.wait()
+  assert again.latest_step() == 3
+  again.close()
+
+
+def test_all_unreadable_is_a_clear_error(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  store, state = _saved_store(directory, [1, 2])
+  store.close()
+  for s in ("1", "2"):
+    _truncate_arrays(os.path.join(directory, s))
+  again = checkpoints.CheckpointStore(directory)
+  with pytest.raises(checkpoints.UnreadableCheckpointError,
+                     match=rf"no readable checkpoint in {re.escape(directory)}[^\n]*\n.*/2: "):
+    again.restore_latest(state)
+  again.close()
+
+
+def test_cut_off_save_is_never_restored(tmp_path):
+  """A crash mid-save leaves only orbax's tmp folder: the last complete step is restored."""
+  directory = str(tmp_path / "ckpt")
+  store, state = _saved_store(directory, [1, 2])
+  store.close()
+  partial = os.path.join(directory, "3.orbax-checkpoint-tmp-1796345481")
+  shutil.copytree(os.path.join(directory, "2"), partial)
+  for name in ("commit_success.txt", "_CHECKPOINT_METADATA"):
+    os.remove(os.path.join(partial, name))
+  _truncate_arrays(partial)
+  again = checkpoints.CheckpointStore(directory)
+  assert again.latest_step() == 2
+  restored, data = again.restore_latest(state)
+  assert int(restored.step) == 2 and data == {"next_batch": 2}
+  again.close()
+
+
+def test_shape_mismatch_is_not_treated_as_corruption(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  store, state = _saved_store(directory, [1, 2])
+  store.close()
+  other = state.replace(params=dict(state.params, dense={"kernel": jnp.zeros((3, 8)),
+                                                         "bias": jnp.zeros((8,))}))
+  again = checkpoints.CheckpointStore(directory)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"dense/kernel"):
+    again.restore_latest(other)
+  assert again.all_steps() == [1, 2]  # nothing moved aside
+  again.close()

@@ -78,7 +78,7 @@ class Setup:
     self.abstract = parallel.abstract_state(init_fn, jax.random.key(0), rules=self.rules)
     self.shardings = parallel.state_shardings(self.abstract, self.mesh, self.rules)
     rep = parallel.replicated(self.mesh)
-    self.tokenizer_params = jax.device_put(tokenizer_params, rep)
+    self.tokenizer_params = parallel.put_replicated(tokenizer_params, self.mesh)
     self.step_fn = parallel.jit_train_step(
         functools.partial(steps_lib.train_step, objective=self.objective, tx=self.tx,
                           schedule=self.schedule,
@@ -88,10 +88,10 @@ class Setup:
 
   def empty_metrics(self):
     # Committed to the mesh like the step's outputs: an uncommitted input would retrace the step.
-    return jax.device_put(steps_lib.empty_metrics(self.objective), parallel.replicated(self.mesh))
+    return parallel.put_replicated(steps_lib.empty_metrics(self.objective), self.mesh)
 
   def base_rng(self, seed: int):
-    return jax.device_put(jax.random.key(seed), parallel.replicated(self.mesh))
+    return parallel.put_replicated(jax.random.key(seed), self.mesh)
 
   def init_state(self, seed: int):
     return parallel.init_sharded(self.init_fn, self.shardings, self.mesh, self.rules)(
