@@ -243,6 +243,10 @@ def put_replicated(tree, mesh: Mesh):
   also when the mesh spans processes: a committed single-device jax.Array cannot be device_put
   onto another process's devices, its host copy can (every process passes the same value)."""
   sharding = replicated(mesh)
+  if not mesh.is_multi_process:
+    # One process: a direct device_put, no host round trip (which would wait on the device queue
+    # and break the asynchronous train loop).
+    return jax.device_put(tree, sharding)
 
   def one(x):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
