@@ -12,9 +12,7 @@ timed separately); median of --repeats. Prints a markdown table and appends it t
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -22,22 +20,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import configs_util, decoders, decoding_ar  # noqa: E402
 from magvlt_jax.models import transformer  # noqa: E402
+from bench_decoding import timed as _timed  # noqa: E402  (same compile + median timing)
 
 EOS = 1
 HEADER = ("| size | system | task | batch | steps | compile s | decode s | per item ms | "
           "AR / MAGVLT | device | dtype |\n|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def _timed(fn, repeats):
-  t = time.perf_counter()
-  jax.block_until_ready(fn(0))
-  compile_s = time.perf_counter() - t
-  times = []
-  for i in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(i + 1))
-    times.append(time.perf_counter() - t)
-  return compile_s, statistics.median(times)
 
 
 def _system(system, size, dtype, image_tokens):

@@ -31,7 +31,8 @@ HEADER = ("| size | task | batch | steps | compile s | decode s | per item ms | 
           "|---|---|---|---|---|---|---|---|---|")
 
 
-def _timed(fn, repeats):
+def timed(fn, repeats):
+  """(compile seconds of fn(0), median seconds of fn(1..repeats))."""
   t = time.perf_counter()
   jax.block_until_ready(fn(0))
   compile_s = time.perf_counter() - t
@@ -67,7 +68,7 @@ def bench_size(size, batches, repeats, dtype):
     for task, fn, steps in (
         ("t2i", lambda i: t2i(params, jax.random.PRNGKey(i), text, length), t2i_spec.num_steps),
         ("i2t", lambda i: i2t(params, jax.random.PRNGKey(i), codes), i2t_spec.num_steps)):
-      compile_s, step_s = _timed(fn, repeats)
+      compile_s, step_s = timed(fn, repeats)
       row = (f"| {size} | {task} | {b} | {steps} | {compile_s:.1f} | {step_s:.3f} | "
              f"{1000 * step_s / b:.1f} | {device} | {dtype} |")
       print(row, flush=True)
