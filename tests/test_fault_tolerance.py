@@ -66,7 +66,10 @@ def _run(cmd, log):
   with open(log, "w") as f:
     proc = subprocess.run(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
                           timeout=600, check=False)
-  assert proc.returncode == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  assert proc.returncode == 0, (  # a multi-process failure often starts far from the end
+      "\n".join(l for l in text.splitlines() if "Error" in l or "error" in l)[-3000:]
+      + "\n...\n" + text[-3000:])
 
 
 def _complete_steps(directory):
@@ -154,7 +157,8 @@ def test_two_process_local_cluster_run_writes_one_checkpoint(tmp_path):
   workdir = str(tmp_path / "pod")
   overrides = {"train.num_steps": 2, "train.checkpoint_every": 2, "data.global_batch_size": 16,
                "vqgan.checkpoint": write_tokenizer(str(tmp_path / "tokenizer"))}
-  # Text tokenizer and dataset prepared up front: the processes of a pod share them.
+  # Text tokenizer trained up front (the processes of a pod share it); the dataset is built by
+  # process 0 inside the run while the other waits at the barrier.
   text_lib.get_or_train_tokenizer(small_config(**overrides), workdir)
   cmd = [sys.executable, "-m", "magvlt_jax.tools.local_cluster", "--processes=2",
          "--devices_per_process=2", "--"] + main_cmd(workdir, **overrides)[3:]

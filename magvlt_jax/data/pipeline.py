@@ -53,10 +53,11 @@ def open_source(config, split: str, *, workdir=None, data_dir=None, all_hosts=Fa
   all_hosts: every process calls this now; then, if the dataset still has to be built on a
   multi-host run, host 0 builds it first and the others wait (no race on a shared data_dir)."""
   data_dir = data_dir or builders.default_data_dir(config, workdir)
-  if (all_hosts and jax.process_count() > 1
-      and not builders.get_builder(config, data_dir).is_prepared()):
+  if all_hosts and jax.process_count() > 1:
+    # Every host takes the barrier, built or not: a host that looked after host 0 had finished
+    # building would otherwise skip it while host 0 waits in it (a collective mismatch).
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not builders.get_builder(config, data_dir).is_prepared():
       builders.prepare(config, data_dir)
     multihost_utils.sync_global_devices("magvlt_jax.data.prepare")
   builder = builders.get_builder(config, data_dir)
