@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magvlt_jax import masking
+from magvlt_jax import categorical, masking
 
 ORDERS = ("maskgit", "mask_predict", "random", "raster")
 # Official sampler clamps the confidence to the fp16 epsilon before the log.
@@ -48,14 +48,12 @@ def keep_table(num_steps: int, n_max: int, schedule: str) -> np.ndarray:
 
 
 def sample_tokens(key, logits, temperature):
-  """Categorical sample at every slot of logits / temperature.
+  """Categorical sample at every slot of logits / temperature (one uniform per slot:
+  categorical.sample, not a Gumbel per vocabulary entry).
 
   Returns (tokens int32 [B, N], log p(token) float32 [B, N] under the tempered distribution).
   """
-  logits = jnp.asarray(logits, jnp.float32) / jnp.asarray(temperature, jnp.float32)
-  tokens = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)
-  return tokens, logp[..., 0]
+  return categorical.sample(key, logits, temperature)
 
 
 def _reveal_scores(key, order, logp, gumbel_scale):

@@ -13,7 +13,7 @@ Which slots are re-masked depends on the order (config.decoding.order):
 import jax
 import jax.numpy as jnp
 
-from magvlt_jax import masking
+from magvlt_jax import categorical, masking
 
 # logp of a slot that has never been sampled: re-masked before any sampled slot.
 UNKNOWN_LOGP = -1e4
@@ -59,11 +59,13 @@ def sample_top_k(key, logits, temperature, top_k: int, vocab_limit: int = 0, ban
     logits = logits.at[..., banned].set(-jnp.inf)
     vocab -= 1
   k = min(int(top_k), vocab) if top_k and top_k > 0 else vocab
+  if k >= vocab:
+    # Every allowed id is in the top k (the others carry -inf): sample the row, no sort.
+    return categorical.sample(key, logits)
   values, indices = jax.lax.top_k(logits, k)
-  choice = jax.random.categorical(key, values, axis=-1)
+  choice, logp = categorical.sample(key, values)
   ids = jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
-  logp = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[..., None], axis=-1)
-  return ids, logp[..., 0]
+  return ids, logp
 
 
 def text_step(key, logits, ids, logp, masked, *, temperature, top_k, vocab_limit, banned=-1):

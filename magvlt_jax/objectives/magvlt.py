@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magvlt_jax import masking
+from magvlt_jax import categorical, masking
 from magvlt_jax import sequence as seq
 from magvlt_jax.objectives import common
 from magvlt_jax.objectives.common import masked_loss, smoothed_ce
@@ -213,7 +213,7 @@ class MagvltObjective(common.Objective):
   def _unroll(self, key, logits, targets, prev_mask, u, schedule):
     """Fill prev_mask slots with samples from the (stop-gradient) first pass; re-mask a subset."""
     k_fill, k_ratio, k_mask = jax.random.split(key, 3)
-    sampled = jax.random.categorical(k_fill, jax.lax.stop_gradient(logits).astype(jnp.float32))
+    sampled, _ = categorical.sample(k_fill, jax.lax.stop_gradient(logits))
     filled = jnp.where(prev_mask, sampled.astype(jnp.int32), targets)
     new_mask = masking.remask_subset(k_mask, prev_mask, later_ratio(k_ratio, u, schedule))
     return filled, new_mask
