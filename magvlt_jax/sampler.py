@@ -160,7 +160,8 @@ class Sampler:
 
   def _chunked(self, fn, arrays, key=None):
     """Runs fn(*chunk) (fn(key_i, *chunk) with a key) over row chunks of power-of-two size,
-    padding the last chunk by repeating its last row; returns numpy outputs of all rows."""
+    padding the last chunk by repeating its last row; returns numpy outputs of all rows.
+    Every chunk is dispatched before any result is read (one host sync per call, not per chunk)."""
     n = len(arrays[0])
     size = _chunk_size(n, self.max_batch)
     outs = []
@@ -170,7 +171,8 @@ class Sampler:
       part = [np.concatenate([p, np.repeat(p[-1:], size - m, axis=0)]) if m < size else p
               for p in part]
       out = fn(jax.random.fold_in(key, i), *part) if key is not None else fn(*part)
-      outs.append(jax.tree.map(lambda x: np.asarray(x)[:m], out))
+      outs.append((m, out))
+    outs = [jax.tree.map(lambda x, m=m: np.asarray(x)[:m], out) for m, out in jax.device_get(outs)]
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
   # ------------------------------------------------------------------ conversions

@@ -83,6 +83,42 @@ def test_text_to_image_reranks_and_never_retraces(sampler):
   np.testing.assert_array_equal(np.asarray(best[0]), np.asarray(both[0][0]))
 
 
+class _CompileCounter:
+  """Counts jax's backend compiles (every jit of every shape, the sampler's and jax's own)."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_varying_batch_sizes_never_recompile_after_warm_up(sampler):
+  """1..5 prompts (max_batch 2: chunks of 1 or 2 rows) and 1..3 images reuse the chunk programs:
+  after one round, a second round with other sizes and seeds neither traces nor compiles."""
+  prompts = ["a red circle", "a blue square", "a green circle", "a red square", "a blue circle"]
+  calls = lambda seed: [
+      *(sampler.text_to_image(prompts[:n], n=1, seed=seed + n) for n in (1, 2, 3)),
+      *(sampler.image_to_text(np.zeros((n, 32, 32, 3), np.uint8), n=1, seed=seed) for n in (1, 3))]
+  calls(0)
+  counts = dict(sampler.trace_counts)
+  with _CompileCounter() as compiles:
+    images, *_, captions = calls(10)
+    more = sampler.text_to_image(prompts, n=1, seed=3)
+  assert compiles.count == 0, f"{compiles.count} compiles after warm-up"
+  assert dict(sampler.trace_counts) == counts
+  assert len(images) == 1 and len(captions) == 3 and len(more) == 5
+
+
 def test_likelihood_rerank_picks_the_training_like_candidate(sampler):
   ids, lengths = sampler.encode_text(["a red circle"] * 2)
   codes = np.stack([np.zeros(64, np.int32), np.arange(64, dtype=np.int32)])
