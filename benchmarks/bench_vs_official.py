@@ -23,15 +23,15 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_decoding import timed  # noqa: E402  (first call s, median of the next `repeats`)
 from magvlt_jax import configs_util, decoders, image_tokenizers, rerank  # noqa: E402
 from magvlt_jax.models import transformer  # noqa: E402
 from magvlt_jax.objectives import magvlt as magvlt_objective  # noqa: E402
@@ -59,19 +59,6 @@ def official_shapes(size: str, dtype: str = "float32"):
   config.decoding.i2t_steps = 12
   config.decoding.rerank = "likelihood"
   return config
-
-
-def timed(fn, repeats: int):
-  """(first call s, median of `repeats` further calls s); fn(i) must return device arrays."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn(0))
-  first = time.perf_counter() - t
-  times = []
-  for i in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(i + 1))
-    times.append(time.perf_counter() - t)
-  return first, statistics.median(times)
 
 
 def _caption(config, batch):
