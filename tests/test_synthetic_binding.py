@@ -74,3 +74,9 @@ def test_single_object_scores_are_unchanged_and_binding_agrees():
   assert s["tokenizer_all"] == s["i2t_all"] == 1.0
   assert s["t2i_obj_all"] == old["all"]  # one object per scene: per-object == whole-scene score
   assert "t2i_triple_f1_2obj" not in s  # no two-object scene in the batch
+
+
+def test_prompts_that_name_no_object_get_no_binding_keys():
+  img = _hand_drawn()
+  s = samples.synthetic_scores(["a red circle in the"], ["a red circle"], img[None], img[None])
+  assert s["t2i_all"] == 0.0 and not any("triple" in k or "_obj_" in k for k in s)
