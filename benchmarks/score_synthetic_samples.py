@@ -7,6 +7,12 @@ same N eval images, and prints the fraction whose colour / shape / place (and al
   python benchmarks/score_synthetic_samples.py --workdir=/tmp/magvlt_tiny --step=2000 \
       decoding.image_temperature='(1.0, 0.3)'
 
+Binding (several objects per scene, e.g. data.synthetic.max_objects=2): `t2i_obj_color_place` is
+the fraction of the prompts' objects drawn in their place in their colour, `i2t_triple_f1` the
+micro F1 of the captions' (colour, shape, place) triples against the image's; right colours on
+swapped objects score 0. `*_2obj` keys repeat them over the two-object scenes only
+(synthetic.binding_scores).
+
 The model, tokenizer and data come from WORKDIR/config.json; `key=value` overrides (Python
 literals) apply on top (decoding.* is what makes sense to change). Prints one JSON line.
 

@@ -135,7 +135,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data.synthetic.num_eval = 200
   c.data.synthetic.image_size = c.data.get_ref("image_size")
   c.data.synthetic.captions_per_image = 3
-  c.data.synthetic.max_objects = 1  # 2: some scenes get a second object ("... and a ...")
+  # 2: about half the scenes get a second object of another colour ("... and a ..."); the sample
+  # scores then also measure binding (synthetic.binding_scores).
+  c.data.synthetic.max_objects = 1
   c.data.synthetic.seed = 0
 
   # --- training objective and loop

@@ -27,7 +27,8 @@ from magvlt_jax.data import synthetic as synthetic_lib
 from magvlt_jax.data import transforms
 from magvlt_jax.data import validate
 
-VERSION = "1.2.0"  # 1.1.0: synthetic objects drawn larger (synthetic.OBJECT_RADIUS); 1.2.0: larger squares
+VERSION = "1.3.0"  # 1.1.0: synthetic objects drawn larger (synthetic.OBJECT_RADIUS); 1.2.0: larger squares;
+# 1.3.0: two-object scenes get distinct colours and captions in both object orders
 STATS_FILE = "prepare_stats.json"
 SHOW_PROGRESS = None  # None: progress bars on terminals only; tools/prepare_data sets True
 

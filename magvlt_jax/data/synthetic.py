@@ -64,13 +64,18 @@ def _rng(seed_or_rng) -> np.random.Generator:
 
 
 def scene(seed_or_rng, max_objects: int = 1) -> Scene:
-  """A random scene with 1..max_objects objects in distinct places."""
+  """A random scene with 1..max_objects objects in distinct places and of distinct colours."""
   rng = _rng(seed_or_rng)
   n = int(rng.integers(1, max_objects + 1))
   places = rng.choice(len(PLACES), size=n, replace=False)
   colors, names = list(COLORS), list(PLACES)
-  objs = tuple(Obj(colors[rng.integers(len(colors))], SHAPES[rng.integers(len(SHAPES))],
-                   names[p]) for p in places)
+  objs = []
+  for p in places:
+    # Objects of one scene never share a colour, so "which colour is where" is always defined
+    # (binding can be scored); the first object's draws are unchanged from one-object scenes.
+    free = [c for c in colors if c not in {o.color for o in objs}]
+    objs.append(Obj(free[rng.integers(len(free))], SHAPES[rng.integers(len(SHAPES))], names[p]))
+  objs = tuple(objs)
   jitter = tuple((float(a), float(b)) for a, b in rng.uniform(-0.5, 0.5, size=(n, 2)))
   return Scene(objs, jitter)
 
@@ -125,10 +130,15 @@ def captions(s: Scene, rng, n: int = 3) -> list[str]:
     templates = TEMPLATES
     fields = dict(color=o.color, shape=o.shape, place=o.place)
   else:
-    a, b = s.objects[:2]
-    templates = TWO_OBJECT_TEMPLATES
-    fields = dict(color=a.color, shape=a.shape, place=a.place,
-                  color2=b.color, shape2=b.shape, place2=b.place)
+    order = rng.permutation(len(TWO_OBJECT_TEMPLATES))
+    out = []
+    for i in range(n):
+      # Either object first, drawn per caption: the caption's word order carries no binding cue.
+      a, b = s.objects[:2] if rng.integers(2) == 0 else s.objects[1::-1]
+      out.append(TWO_OBJECT_TEMPLATES[order[i % len(order)]].format(
+          color=a.color, shape=a.shape, place=a.place, color2=b.color, shape2=b.shape,
+          place2=b.place))
+    return out
   order = rng.permutation(len(templates))
   picked = [templates[order[i % len(templates)]] for i in range(n)]
   return [t.format(**fields) for t in picked]
@@ -191,6 +201,64 @@ def read_scene(image: np.ndarray, min_fraction: float = 0.02) -> Obj | None:
     return (m & fg).sum() / max((m | fg).sum(), 1)
   shape = max(SHAPES, key=iou)
   return Obj(color, shape, place)
+
+
+def read_objects(image: np.ndarray, min_cell_fraction: float = 0.1) -> list[Obj]:
+  """Every object a (generated) image shows, one per grid cell, in row-major cell order: a cell
+  whose pixels are at least `min_cell_fraction` foreground holds an object (a shape drawn in a
+  neighbouring cell spills at most ~3% into it), read with read_scene's rules restricted to the
+  cell. Scores multi-object samples: which colour and shape sit in which place."""
+  img = np.asarray(image, np.float32)
+  size = img.shape[0]
+  fg = np.linalg.norm(img - np.asarray(BACKGROUND, np.float32), axis=-1) > 60.0
+  palette = np.asarray(list(COLORS.values()), np.float32)
+  cell = size / 3.0
+  coords = np.arange(size, dtype=np.float32) + 0.5
+  index = np.minimum((coords // cell).astype(int), 2)  # grid row (or column) of each pixel
+  found = []
+  for name, (row, col) in sorted(PLACES.items(), key=lambda item: item[1]):
+    region = (index[:, None] == row) & (index[None, :] == col)
+    obj = fg & region
+    if obj.sum() < min_cell_fraction * region.sum():
+      continue
+    median = np.median(img[obj], axis=0)
+    color = list(COLORS)[int(np.argmin(np.linalg.norm(palette - median, axis=-1)))]
+    ys, xs = np.nonzero(obj)
+    yy, xx = coords[:, None] - (ys.mean() + 0.5), coords[None, :] - (xs.mean() + 0.5)
+
+    def iou(shape, yy=yy, xx=xx, obj=obj, region=region):
+      dy = (2.0 / 15.0) * OBJECT_RADIUS * cell if shape == "triangle" else 0.0  # as read_scene
+      m = _shape_mask(shape, yy + dy, xx, OBJECT_RADIUS * cell) & region
+      return (m & obj).sum() / max((m | obj).sum(), 1)
+    found.append(Obj(color, max(SHAPES, key=iou), name))
+  return found
+
+
+def binding_scores(expected: list[list[Obj]], found: list[list[Obj]]) -> dict:
+  """Whether attributes sit on the right object, over pairs of (expected objects, found objects):
+  `obj_color_place` / `obj_all`: fraction of expected objects with a found object in their place
+  of their colour (/ colour and shape), so a scene with the right colours on swapped objects scores
+  0; `triple_precision` / `_recall` / `_f1`: micro-averaged over (colour, shape, place) triples.
+  `*_2obj` repeat obj_color_place, obj_all and triple_f1 over the multi-object scenes only
+  (absent when there are none)."""
+  def rates(pairs):
+    objs = [(e, {f.place: f for f in fs}.get(e.place)) for es, fs in pairs for e in es]
+    hit = sum(len(set(es) & set(fs)) for es, fs in pairs)
+    n_found, n_expected = sum(len(set(fs)) for _, fs in pairs), sum(len(set(es)) for es, _ in pairs)
+    p, r = hit / max(n_found, 1), hit / max(n_expected, 1)
+    return {"obj_color_place": float(np.mean([f is not None and f.color == e.color for e, f in objs])),
+            "obj_all": float(np.mean([f == e for e, f in objs])),
+            "triple_precision": p, "triple_recall": r,
+            "triple_f1": 2 * p * r / (p + r) if p + r else 0.0}
+  pairs = [(list(e), list(f)) for e, f in zip(expected, found) if e]
+  if not pairs:
+    raise ValueError("binding_scores: no expected objects (prompts that name no object?)")
+  out = rates(pairs)
+  multi = [(e, f) for e, f in pairs if len(e) > 1]
+  if multi:
+    m = rates(multi)
+    out.update({f"{k}_2obj": m[k] for k in ("obj_color_place", "obj_all", "triple_f1")})
+  return out
 
 
 def match_score(expected: list[Obj], found: Obj | None) -> dict:
