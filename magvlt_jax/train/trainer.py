@@ -212,7 +212,9 @@ def _loop(config, setup, state, iterator, store, writer):
           samples.write_samples(config, setup.workdir, setup, state.params,
                                 setup.text_tokenizer, step, writer)
       if preempt.requested:
-        logging.warning("stopped by SIGTERM at step %d; checkpoint saved", step)
+        store.wait()  # say "saved" only once the async write is finalized on disk
+        logging.warning("stopped by SIGTERM at step %d; checkpoint %d saved in %s", step, step,
+                        store.directory)
         break
   store.wait()
   return state, last
