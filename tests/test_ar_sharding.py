@@ -15,7 +15,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def result():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, os.path.join(_HERE, "ar_sharding_worker.py")],
-                        env=env, capture_output=True, text=True, timeout=900)
+                        env=env, capture_output=True, text=True, timeout=1800)  # ~2.5 CPU min
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-4000:]
   return json.loads(lines[-1][len("RESULT "):])
