@@ -32,6 +32,7 @@ def get_config(variant: str = "tiny"):
   c.model.causal = True
   t = c.train
   t.task_weights = (1.0, 1.0)  # T2I : I2T, one task per batch; (1, 0) or (0, 1) for one direction
+  t.alternate_tasks = False  # True: T2I on even steps, I2T on odd ones (BiART, configs/lverse.py)
   t.generated_loss_weight = 0.9  # paper appendix: 0.9 on the generated modality ...
   t.condition_loss_weight = 0.1  # ... and 0.1 on the condition
   t.label_smoothing = 0.1

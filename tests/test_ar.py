@@ -1,9 +1,12 @@
 """ARGVLT: the config validates, the causal model cannot see the future, the AR loss weighs the
 generated modality 0.9 and the condition 0.1, a tiny run through trainer.Setup lowers the loss,
 and KV-cache decoding gives the same tokens as full recomputation."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from magvlt_jax import configs_util, decoders, decoding_ar
@@ -13,7 +16,7 @@ from magvlt_jax.configs_util import load_config
 from magvlt_jax.models import transformer, vqgan
 from magvlt_jax.objectives.common import smoothed_ce
 from magvlt_jax.train import steps as steps_lib
-from magvlt_jax.train import trainer
+from magvlt_jax.train import train_state, trainer
 
 EOS = 1
 
@@ -195,6 +198,7 @@ def biart_config():
   c = small_config()
   lv = load_config("configs/lverse.py:tiny")
   c.objective, c.model.num_segments = lv.objective, lv.model.num_segments
+  c.train.alternate_tasks = lv.train.alternate_tasks
   c.train.generated_loss_weight = c.train.condition_loss_weight = 1.0
   return c
 
@@ -239,3 +243,29 @@ def test_biart_segments_matter_and_cached_decoding_matches():
     b = jax.jit(lambda p, k: decoding_ar.decode_uncached(model, p, spec, k, **args))(params, jax.random.key(2))
     np.testing.assert_array_equal(np.asarray(a.image_codes), np.asarray(b.image_codes))
     np.testing.assert_array_equal(np.asarray(a.text_ids), np.asarray(b.text_ids))
+
+
+def test_biart_alternates_the_direction_per_step():
+  """configs/lverse.py: train.alternate_tasks -> T2I on even steps, I2T on odd ones, through the
+  train step (it passes state.step), one compiled program."""
+  c = biart_config()
+  assert c.train.alternate_tasks
+  model = transformer.from_config(c)
+  obj = _identity_objective(c, model)
+  assert obj.uses_step
+  codes, text, tlen = _data(c)
+  batch = {"image": codes, "text": text, "text_length": tlen}
+  tx = optax.adam(0.0)  # has the update count the step reads
+  state = train_state.TrainState.create(transformer.init_params(c, jax.random.key(1)), tx)
+  step = jax.jit(functools.partial(steps_lib.train_step, objective=obj, tx=tx,
+                                   schedule=lambda _: 0.0))
+  tasks = []
+  for _ in range(4):
+    state, metrics = step(state, batch, None, jax.random.key(0), steps_lib.empty_metrics(obj))
+    tasks.append(steps_lib.compute_metrics(metrics)["frac_i2t"])
+  assert tasks == [0.0, 1.0, 0.0, 1.0] and obj.trace_count == 1
+  with pytest.raises(ValueError, match="needs the step"):
+    obj.loss_fn(state.params, None, batch, jax.random.key(0))
+  c.train.task_weights = (1.0, 0.0)
+  with pytest.raises(ValueError, match="config.train.alternate_tasks"):
+    configs_util.validate_config(c)

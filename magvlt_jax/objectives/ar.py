@@ -1,6 +1,7 @@
 """The ARGVLT training loss (MAGVLT paper's autoregressive baseline; SPEC section 6).
 
-One task per batch, drawn with config.train.task_weights (T2I : I2T) from the 'task' key, both
+One task per batch, drawn with config.train.task_weights (T2I : I2T) from the 'task' key (or, with
+config.train.alternate_tasks, T2I on even steps and I2T on odd ones), both
 tasks the branches of ONE lax.switch (the step compiles once). Layouts are sequence.py's, with the
 causal model read one slot early (`predict_next`: slot i predicts slot i + 1):
   T2I  [BOC, BOT, text(n_txt), BOG, BOI, image(n_img)]: BOT..text[-2] predict the text (the
@@ -46,6 +47,9 @@ class ArObjective(common.Objective):
     self.n_txt, self.n_img = int(config.sequence.text_length), int(config.sequence.image_tokens)
     self.task_weights = tuple(float(w) for w in t.task_weights)
     draw_task(jax.random.key(0), self.task_weights)
+    # train.alternate_tasks: T2I on even steps, I2T on odd ones (L-Verse's per-iteration
+    # alternation) instead of a draw with task_weights; the step comes from the train step.
+    self.uses_step = bool(t.get("alternate_tasks", False))
     self.smoothing = float(t.label_smoothing)
     self.w_gen, self.w_cond = float(t.generated_loss_weight), float(t.condition_loss_weight)
     self.layouts = {task: seq.make_layout(task, self.n_txt, self.n_img) for task in TASKS}
@@ -64,6 +68,10 @@ class ArObjective(common.Objective):
     if not 0.0 <= t.label_smoothing < 1.0:
       raise ValueError(f"config.train.label_smoothing={t.label_smoothing!r} must be in [0, 1); "
                        "use 0.1 or 0.0")
+    if t.get("alternate_tasks", False) and min(weights) <= 0:
+      raise ValueError(f"config.train.alternate_tasks=True trains both directions, but "
+                       f"config.train.task_weights={weights!r} turns one off; set "
+                       "alternate_tasks=False to train one direction")
     for key in ("generated_loss_weight", "condition_loss_weight"):
       if key not in t:
         raise ValueError(f"config.train.{key} is missing; add it (configs/argvlt.py: 0.9 / 0.1)")
@@ -116,9 +124,10 @@ class ArObjective(common.Objective):
            "text_correct": txt["correct"], "text_count": txt["count"]}
     return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
-  def loss_fn(self, params, tokenizer_params, batch, rng, task=None):  # pylint: disable=arguments-differ
-    """(total loss, metrics incl. 'task'); task None draws it (one lax.switch), a Python int
-    traces only that branch."""
+  def loss_fn(self, params, tokenizer_params, batch, rng, task=None, step=None):  # pylint: disable=arguments-differ
+    """(total loss, metrics incl. 'task'); task None draws it (one lax.switch) or, with
+    train.alternate_tasks, takes it from `step` (even T2I, odd I2T); a Python int traces only
+    that branch."""
     self.trace_count += 1
     k_task, k_drop = jax.random.split(rng)
     codes = jax.lax.stop_gradient(self.encode_fn(tokenizer_params, batch["image"])).astype(jnp.int32)
@@ -127,7 +136,11 @@ class ArObjective(common.Objective):
     if isinstance(task, (int, np.integer)):
       metrics = self.task_loss(params, int(task), codes, text, tlen, k_drop)
     else:
-      if task is None:
+      if task is None and self.uses_step:
+        if step is None:
+          raise ValueError("train.alternate_tasks=True: loss_fn needs the step (step=state.step)")
+        task = jnp.asarray(step, jnp.int32) % len(TASKS)
+      elif task is None:
         task = draw_task(k_task, self.task_weights)
       branches = [lambda p, k, i=i: self.task_loss(p, i, codes, text, tlen, k)
                   for i in range(len(TASKS))]
@@ -139,9 +152,9 @@ class ArObjective(common.Objective):
 class BiartObjective(ArObjective):
   """L-Verse BiART (SPEC section 6): the same two directions and NLL terms, on a model with the
   [REF]/[GEN] segment embedding (sequence.segment_ids) added to every slot, so one causal
-  transformer knows which modality it generates. The paper alternates text->image and
-  image->text per iteration; here each batch draws its direction with train.task_weights (1, 1)
-  (the objective is not given the step), an alternation in expectation."""
+  transformer knows which modality it generates. As the paper, text->image and image->text
+  alternate per iteration (train.alternate_tasks=True in configs/lverse.py: even steps T2I, odd
+  steps I2T); alternate_tasks=False draws each batch's direction with train.task_weights."""
 
   def __init__(self, config, model, encode_fn, eos_id: int, sep_id: int):
     if model.num_segments != seq.NUM_SEGMENTS:

@@ -64,9 +64,13 @@ class Objective:
     metric_fields() -> {name: clu Average class}  over the dict metric_inputs returns;
     metric_inputs(aux) -> dict                     aux plus the selectors its metrics weight by;
     validate_config(config)  (classmethod)         ValueError naming the key for bad settings.
+    uses_step                                      True: the train step calls
+                                                   loss_fn(..., step=state.step) (an int32
+                                                   scalar) instead; default False.
   `trace_count` counts traces of loss_fn (tests check the train step compiles once).
   """
   batch_keys = ()
+  uses_step = False
 
   def __init__(self, config, model, encode_fn, eos_id: int, sep_id: int):
     self.config, self.model, self.encode_fn = config, model, encode_fn

@@ -73,7 +73,10 @@ def train_step(state, batch, tok_params, rng, metrics, *, objective: common.Obje
   max_nonfinite_in_row=0: never halt (the AOT tool and tests of the step alone)."""
   rng = jax.random.fold_in(rng, state.step)
   batch = {k: batch[k] for k in objective.batch_keys}
-  grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+  # An objective that schedules its task by step (BiART's per-step alternation) is given it.
+  loss_fn = (functools.partial(objective.loss_fn, step=state.step) if objective.uses_step
+             else objective.loss_fn)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, tok_params, batch, rng)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
