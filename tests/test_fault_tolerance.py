@@ -110,12 +110,12 @@ def _final_state(workdir, step, checkpoint_dir="checkpoints"):
   return state, data["iterator"]
 
 
-def _assert_bit_identical(ref, crash, checkpoint_dir, keys=("opt_state",)):
-  """Checkpoint _STEPS of both runs: equal step, iterator state and every leaf, bit for bit."""
-  a, a_data = _final_state(ref, _STEPS, checkpoint_dir)
-  b, b_data = _final_state(crash, _STEPS, checkpoint_dir)
-  assert int(a["step"]) == int(b["step"]) == _STEPS
-  assert a_data == b_data and a_data["next_batch"] == _STEPS
+def _assert_bit_identical(ref, crash, checkpoint_dir, keys=("opt_state",), steps=_STEPS):
+  """Checkpoint `steps` of both runs: equal step, iterator state and every leaf, bit for bit."""
+  a, a_data = _final_state(ref, steps, checkpoint_dir)
+  b, b_data = _final_state(crash, steps, checkpoint_dir)
+  assert int(a["step"]) == int(b["step"]) == steps
+  assert a_data == b_data and a_data["next_batch"] == steps
   flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
   flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
   assert tree_a == tree_b
@@ -171,8 +171,10 @@ def test_tokenizer_sigkill_then_resume_is_bit_identical(tmp_path):
   """The same for `--mode=train_tokenizer` (VQ-GAN; the GAN step is on from step 5, so both
   steps are compiled before the first checkpoint and the kill lands in the GAN phase)."""
   ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
-  common = {"vqgan.train.num_steps": _STEPS, "vqgan.train.checkpoint_every": _EVERY,
+  steps = 30  # 0.1-0.5 s a GAN step on a loaded 2-core box: seconds of kill window after step 10
+  common = {"vqgan.train.num_steps": steps, "vqgan.train.checkpoint_every": _EVERY,
             "vqgan.train.log_every": _EVERY, "vqgan.loss.disc_start": 5,
+            "vqgan.train.batch_size": 4,
             "vqgan.optimizer.warmup_steps": 2, "vqgan.discriminator.base_channels": 8,
             "data.data_dir": str(tmp_path / "data")}
   cmd = lambda workdir: main_cmd(workdir, **common) + ["--mode=train_tokenizer"]
@@ -181,14 +183,15 @@ def test_tokenizer_sigkill_then_resume_is_bit_identical(tmp_path):
   delay = random.uniform(0.0, 0.5)
   _kill_after_first_checkpoint(cmd(crash), crash_ckpts, str(tmp_path / "kill.log"), delay)
   done = _complete_steps(crash_ckpts)
-  assert done and max(done) < _STEPS, (
+  assert done and max(done) < steps, (
       f"the kill {delay:.2f}s after the first checkpoint came too late (checkpoints {done})")
   _run(cmd(crash), str(tmp_path / "resume.log"))
   resume_log = open(tmp_path / "resume.log").read()
   assert re.search(rf"[Rr]estor\w* checkpoint step {max(done)}\b", resume_log), resume_log[-3000:]
-  assert f"tokenizer: training steps {max(done)}..{_STEPS}" in resume_log
+  assert f"tokenizer: training steps {max(done)}..{steps}" in resume_log
   a_data, b_data = _assert_bit_identical(ref, crash, os.path.join("tokenizer", "checkpoints"),
-                                         keys=("opt_state", "disc_params", "disc_opt_state"))
+                                         keys=("opt_state", "disc_params", "disc_opt_state"),
+                                         steps=steps)
   from magvlt_jax.train import vqgan_io  # pylint: disable=import-outside-toplevel
   config = checkpoints.load_config(ref)
   np.testing.assert_array_equal(next(vqgan_io.train_images(config, ref, a_data)),
