@@ -34,6 +34,7 @@ _SMALL = {
     "decoding.i2t_steps": 2, "train.use_unroll": False, "train.use_mixsel": False,
 }
 _STEPS, _EVERY = 60, 10  # 50-250 ms a step on a loaded 2-core box: a kill window of seconds
+_TIMEOUT = 1200  # a hang guard per run: a 4-process leg took 8-10 min on a 2-core box at load 14-21
 
 
 def main_cmd(workdir, **overrides):
@@ -67,7 +68,7 @@ def _env():
 def _run(cmd, log):
   with open(log, "w") as f:
     proc = subprocess.run(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                          timeout=600, check=False)
+                          timeout=_TIMEOUT, check=False)
   text = open(log).read()
   assert proc.returncode == 0, (  # a multi-process failure often starts far from the end
       "\n".join(l for l in text.splitlines() if "Error" in l or "error" in l)[-3000:]
@@ -234,7 +235,7 @@ def test_resume_with_another_process_count_matches_one_process(pod):
   env = dict(_env(), JAX_NUM_CPU_DEVICES="4")
   with open(root / "ref.log", "w") as f:
     proc = subprocess.run(main_cmd(ref, **pod["overrides"], **{"train.num_steps": 4}), cwd=_ROOT,
-                          env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600, check=False)
+                          env=env, stdout=f, stderr=subprocess.STDOUT, timeout=_TIMEOUT, check=False)
   ref_log = open(root / "ref.log").read()
   assert proc.returncode == 0, ref_log[-3000:]
   assert "training steps 0..4, global batch 16, 4 devices" in ref_log
