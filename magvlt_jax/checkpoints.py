@@ -38,13 +38,18 @@ class UnreadableCheckpointError(RuntimeError):
   """No finalized checkpoint in a directory could be read (each one truncated or corrupted)."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A save failed while writing (disk full, quota, permissions); earlier steps are untouched."""
+
+
 def _abstract(tree: Any) -> Any:
-  """ShapeDtypeStructs for `tree` (arrays or structs); entries without a sharding get device 0's.
+  """ShapeDtypeStructs for `tree` (arrays or structs); entries without a sharding get this process's
+  first device (global device 0 belongs to process 0: on another process it is not addressable).
 
   Restoring with a sharding-less target makes orbax read the saved sharding, which is unsafe on a
   different topology, so we always give one.
   """
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def one(x):
     x = ocp.utils.to_shape_dtype_struct(x)
@@ -84,9 +89,20 @@ class CheckpointStore:
   def save(self, step: int, state: Any, data_state: Optional[dict] = None, force: bool = False) -> bool:
     """Saves `state` (+ the iterator's JSON state) at `step`; returns whether it was written."""
     data = {"iterator": _jsonable(data_state)}  # wrapped so that `None` round-trips
-    return self._manager.save(
-        int(step), force=force,
-        args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)}))
+    args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data)})
+    # An async save's write error surfaces at the next save or wait: both name the failure.
+    return self._writing(lambda: self._manager.save(int(step), force=force, args=args), step)
+
+  def _writing(self, fn, step):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax raise many types)
+      # Never finalized: the step exists only as <step>.orbax-checkpoint-tmp* (never restored),
+      # and the preservation policy deletes nothing after a failed save.
+      raise CheckpointWriteError(
+          f"checkpoint write failed in {self.directory} (around step {step}; disk full, quota or "
+          f"permissions?): {type(e).__name__}: {str(e)[:600]}\nthe complete checkpoints are kept: "
+          f"steps {_finalized_steps(self.directory)}; free space and restart to resume from the latest") from e
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -146,11 +162,18 @@ class CheckpointStore:
     return target
 
   def wait(self):
-    self._manager.wait_until_finished()
+    self._writing(self._manager.wait_until_finished, "pending")
 
   def close(self):
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _finalized_steps(directory: str) -> list:
+  """Steps on disk (orbax renames <step>.orbax-checkpoint-tmp* to <step> once complete); after a
+  failed async save the manager's own list is not to be trusted."""
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 def _jsonable(x: Any) -> Any:

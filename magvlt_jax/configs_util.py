@@ -4,6 +4,7 @@ Every error names the offending key and what to change, e.g.
   ValueError: config.model.embed_dim=130 is not divisible by config.model.num_heads=4; ...
 """
 import ast
+import difflib
 import importlib.util
 import os
 
@@ -26,8 +27,14 @@ def apply_override(config, item: str):
     raise SystemExit(f"override {item!r}: expected key=value")
   *path, leaf = key.split(".")
   node = config
-  for part in path:
-    node = node[part]
+  for depth, part in enumerate(path + [leaf]):  # a typo'd key fails naming it (no new key)
+    if not hasattr(node, "keys") or part not in node:
+      close = difflib.get_close_matches(part, list(node.keys()) if hasattr(node, "keys") else [])
+      where = ".".join(["config"] + path[:depth])
+      raise SystemExit(f"override {item!r}: {where} has no key {part!r}"
+                       + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if depth < len(path):
+      node = node[part]
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):

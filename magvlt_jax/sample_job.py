@@ -109,7 +109,11 @@ def read_prompts(path):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config.sample.prompts_file={path!r} does not exist")
   with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f if line.strip()]
+    prompts = [line.strip() for line in f if line.strip()]
+  if not prompts:
+    raise ValueError(f"config.sample.prompts_file={path!r} holds no prompts (only blank lines); "
+                     "write one prompt per line, or leave the key empty for the default prompts")
+  return prompts
 
 
 def read_images(directory):
@@ -121,8 +125,13 @@ def read_images(directory):
     raise ValueError(f"config.sample.images_dir={directory!r} holds no {IMAGE_EXTENSIONS} files")
   images = []
   for n in names:
-    with Image.open(os.path.join(directory, n)) as im:
-      images.append(np.asarray(im.convert("RGB"), np.uint8))
+    path = os.path.join(directory, n)
+    try:
+      with Image.open(path) as im:
+        images.append(np.asarray(im.convert("RGB"), np.uint8))
+    except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated file, ...
+      raise ValueError(f"config.sample.images_dir: {path} is not a readable image "
+                       f"({type(e).__name__}: {e}); remove or replace it") from e
   return names, images
 
 
@@ -162,9 +171,17 @@ def run(config, workdir):
   config = merge_config(config, workdir)
   s = config.sample
   out_dir = s.output_dir or os.path.join(workdir, "samples", "final")
-  sampler = sampler_lib.Sampler.from_checkpoint(workdir, config=config)
+  # Inputs first: a bad prompt file or image fails before the model loads or anything is written.
   prompts = read_prompts(s.prompts_file) if s.prompts_file else []
   names, images = read_images(s.images_dir) if s.images_dir else (None, [])
+  sampler = sampler_lib.Sampler.from_checkpoint(workdir, config=config)  # on every process:
+  # orbax's restore may synchronize the processes. Sampling is process-local and deterministic,
+  # so on a multi-process run process 0 alone samples and writes (each output once).
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() != 0:
+    logging.info("sample: process %d of %d: process 0 writes the samples to %s",
+                 jax.process_index(), jax.process_count(), out_dir)
+    return out_dir
   if not prompts and not images:
     prompts, images = default_inputs(config, sampler, int(config.train.get("num_sample_prompts", 8)),
                                      int(config.seed))

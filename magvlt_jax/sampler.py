@@ -178,7 +178,7 @@ class Sampler:
   # ------------------------------------------------------------------ conversions
   def encode_text(self, prompts):
     """-> (ids int32 [B, n_txt], lengths int32 [B]); over-long prompts are truncated (warning)."""
-    prompts = sampler_tasks.as_list(prompts)
+    prompts = sampler_tasks.non_empty(prompts, "prompts")
     for p in prompts:
       n = len(self.tokenizer.encode_ids(p)) + 1
       if n > self.n_txt:
@@ -191,7 +191,8 @@ class Sampler:
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (
         self.image_size, self.image_size, 3) and images.dtype == np.uint8:
       return images
-    return np.stack([prepare_image(im, self.image_size) for im in sampler_tasks.as_list(images)])
+    return np.stack([prepare_image(im, self.image_size)
+                     for im in sampler_tasks.non_empty(images, "images")])
 
   def encode_images(self, images) -> np.ndarray:
     """-> int32 image tokenizer codes [B, n_img]."""

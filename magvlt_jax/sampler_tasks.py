@@ -22,6 +22,15 @@ def as_list(x):
   return list(x)
 
 
+def non_empty(items, what: str) -> list:
+  """as_list(items), or a ValueError naming `what` when there is nothing (an empty batch would
+  otherwise fail deep inside the compiled decoder)."""
+  items = as_list(items)
+  if not items:
+    raise ValueError(f"no {what} given: pass at least one")
+  return items
+
+
 def _to_pil(pixels):
   return [Image.fromarray(np.asarray(p, np.uint8)) for p in pixels]
 

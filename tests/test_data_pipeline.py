@@ -118,18 +118,28 @@ def test_epochs_reshuffle_and_redraw_captions(env):
 
 def test_per_host_split_covers_every_example_once(env):
   config, _, _, by_hash = env
-  hosts = 4  # local batch 2, 12 records per host per epoch
-  seen = []
+  hosts = 4  # local batch 2: each host reads 12 records per epoch
+  seen, per_host = [], []
   for pi in range(hosts):
     it = _train(env, process_index=pi, process_count=hosts)
-    for _ in range(NUM_TRAIN // config.data.global_batch_size):
-      seen += [_h(im) for im in next(it)["image"]]
+    per_host.append([next(it) for _ in range(NUM_TRAIN // config.data.global_batch_size + 1)])
+    seen += [_h(im) for b in per_host[-1][:-1] for im in b["image"]]
   assert sorted(seen) == sorted(by_hash)
-  # n not divisible by hosts: disjoint shards, n % hosts records left out per epoch
+  # The hosts' blocks, stacked in process order, are the single-process global batches bit for
+  # bit (a resume with another number of processes continues the same stream), also past an epoch.
+  one = _train(env, process_index=0, process_count=1)
+  for k in range(len(per_host[0])):
+    glob = next(one)
+    for key in glob:
+      np.testing.assert_array_equal(np.concatenate([h[k][key] for h in per_host]), glob[key])
+  assert one.get_state() == _train(env, process_index=3, process_count=4).get_state() | {
+      "next_batch": one.get_state()["next_batch"]}
+  # n not divisible by the hosts: still every record once per epoch, disjoint between hosts
   perm = np.random.default_rng(0).permutation(50)
-  shards = [pipeline.train_records(0, 16, 50 // 3, pi, 3, lambda e: perm)[1] for pi in range(3)]
+  shards = [pipeline.train_records(k, 15, pi, 3, 50, lambda e: perm)[1]
+            for k in range(4) for pi in range(3)][:10]  # 10 host blocks of 5 = one epoch
   flat = sum(shards, [])
-  assert len(flat) == len(set(flat)) == 48
+  assert len(flat) == len(set(flat)) == 50
   with pytest.raises(ValueError, match="not divisible"):
     _train(env, process_index=0, process_count=3)  # global batch 8 over 3 hosts
 

@@ -1,7 +1,9 @@
 """Fault tolerance of the real entry point (`python -m magvlt_jax.main`, in subprocesses):
 a run SIGKILLed at a random step after its first checkpoint and restarted ends bit-identical to an
-uninterrupted run (params, optimizer state, step, the next data batch); a 2-process run through
-`magvlt_jax.tools.local_cluster` (jax.distributed on localhost) trains and writes one checkpoint."""
+uninterrupted run (params, optimizer state, step, the next data batch); through
+`magvlt_jax.tools.local_cluster` (jax.distributed on localhost): a 2-process run writes one
+checkpoint, 4 processes resume it and match one 4-device process, and the evaluate and sample
+jobs under 2 processes write each output once."""
 import os
 import random
 import re
@@ -32,6 +34,7 @@ _SMALL = {
     "decoding.i2t_steps": 2, "train.use_unroll": False, "train.use_mixsel": False,
 }
 _STEPS, _EVERY = 60, 10  # 50-250 ms a step on a loaded 2-core box: a kill window of seconds
+_TIMEOUT = 1200  # a hang guard per run: a 4-process leg took 8-10 min on a 2-core box at load 14-21
 
 
 def main_cmd(workdir, **overrides):
@@ -65,7 +68,7 @@ def _env():
 def _run(cmd, log):
   with open(log, "w") as f:
     proc = subprocess.run(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT,
-                          timeout=600, check=False)
+                          timeout=_TIMEOUT, check=False)
   text = open(log).read()
   assert proc.returncode == 0, (  # a multi-process failure often starts far from the end
       "\n".join(l for l in text.splitlines() if "Error" in l or "error" in l)[-3000:]
@@ -95,12 +98,36 @@ def _kill_after_first_checkpoint(cmd, ckpt_dir, log, delay):
   assert proc.returncode == -signal.SIGKILL, open(log).read()[-3000:]
 
 
-def _final_state(workdir, step):
+def _final_state(workdir, step, checkpoint_dir="checkpoints"):
   """(train-state tree of numpy arrays, iterator state) of checkpoint `step` (no target needed)."""
-  path = os.path.join(workdir, "checkpoints", str(step))
-  state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+  path = os.path.join(workdir, checkpoint_dir, str(step))
+  # Against a target on this process's one device: the saved sharding may name devices (a
+  # 4-device run) that this process does not have.
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "state"))
+  meta = getattr(meta, "item_metadata", meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                        getattr(meta, "tree", meta))
+  state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
   data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(path, "data"))
   return state, data["iterator"]
+
+
+def _assert_bit_identical(ref, crash, checkpoint_dir, keys=("opt_state",), steps=_STEPS):
+  """Checkpoint `steps` of both runs: equal step, iterator state and every leaf, bit for bit."""
+  a, a_data = _final_state(ref, steps, checkpoint_dir)
+  b, b_data = _final_state(crash, steps, checkpoint_dir)
+  assert int(a["step"]) == int(b["step"]) == steps
+  assert a_data == b_data and a_data["next_batch"] == steps
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b
+  for key in keys:
+    assert any(key in jax.tree_util.keystr(p) for p, _ in flat_a), key
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=f"{jax.tree_util.keystr(path)} differs after resume")
+  return a_data, b_data
 
 
 def _next_batch(workdir, data_state, spm):
@@ -134,17 +161,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   assert re.search(rf"[Rr]estor\w* checkpoint step {max(done)}\b", resume_log), resume_log[-3000:]
   assert f"training steps {max(done)}..{_STEPS}" in resume_log
 
-  a, a_data = _final_state(ref, _STEPS)
-  b, b_data = _final_state(crash, _STEPS)
-  assert int(a["step"]) == int(b["step"]) == _STEPS
-  assert a_data == b_data and a_data["next_batch"] == _STEPS
-  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-  assert tree_a == tree_b
-  assert any("opt_state" in jax.tree_util.keystr(p) for p, _ in flat_a)
-  for (path, x), (_, y) in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=f"{jax.tree_util.keystr(path)} differs after resume")
+  a_data, b_data = _assert_bit_identical(ref, crash, "checkpoints")
   spm = os.path.join(ref, "text", "spm.model")
   batch_a, batch_b = _next_batch(ref, a_data, spm), _next_batch(crash, b_data, spm)
   assert sorted(batch_a) == sorted(batch_b)
@@ -152,27 +169,112 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(batch_a[k], batch_b[k], err_msg=f"next batch {k!r}")
 
 
+def _cluster_cmd(processes, devices, workdir, mode="train", **overrides):
+  return ([sys.executable, "-m", "magvlt_jax.tools.local_cluster", f"--processes={processes}",
+           f"--devices_per_process={devices}", "--", f"--mode={mode}"]
+          + main_cmd(workdir, **overrides)[3:])
+
+
+def _assert_same_params(a, b, what, lr=None):
+  """Equal up to float noise (the cross-process all-reduce sums in another order: ~1e-8 apart).
+  Attention key biases (`bk`) have an exactly zero gradient (softmax is shift invariant), so
+  Adam turns their rounding noise into updates of up to ~lr per step: there, |diff| < 0.1 lr."""
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b and flat_a
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    name, x, y = jax.tree_util.keystr(path), np.asarray(x), np.asarray(y)
+    if lr is not None and "'bk'" in name:
+      assert np.max(np.abs(x - y)) < 0.1 * lr, f"{what} {name}"
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{what} {name}")
+
+
+# One tiny pod setup for the multi-process tests: global batch 16 on 4 devices; a constant LR
+# after warm-up (end_lr_factor=1), so a run stopped at step 2 and resumed to 4 follows the same
+# schedule as an uninterrupted run to 4. The text tokenizer is shared; the data is built once,
+# by process 0 of the first run, while the other process waits at the barrier.
+_POD = {"train.checkpoint_every": 2, "data.global_batch_size": 16, "optimizer.end_lr_factor": 1.0}
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+  """{'root', 'overrides', 'workdir'}: a 2-process x 2-device run to step 2 (one checkpoint)."""
+  root = tmp_path_factory.mktemp("pod")
+  overrides = dict(_POD, **{"vqgan.checkpoint": write_tokenizer(str(root / "tokenizer")),
+                            "data.data_dir": str(root / "data")})
+  text_lib.get_or_train_tokenizer(small_config(**overrides), str(root / "shared"))
+  overrides["text.spm_model"] = str(root / "shared" / "text" / "spm.model")
+  workdir = str(root / "pod")
+  log = str(root / "pod2.log")
+  _run(_cluster_cmd(2, 2, workdir, **overrides, **{"train.num_steps": 2}), log)
+  return {"root": root, "overrides": overrides, "workdir": workdir, "log": open(log).read()}
+
+
 @pytest.mark.slow
-def test_two_process_local_cluster_run_writes_one_checkpoint(tmp_path):
-  workdir = str(tmp_path / "pod")
-  overrides = {"train.num_steps": 2, "train.checkpoint_every": 2, "data.global_batch_size": 16,
-               "vqgan.checkpoint": write_tokenizer(str(tmp_path / "tokenizer"))}
-  # Text tokenizer trained up front (the processes of a pod share it); the dataset is built by
-  # process 0 inside the run while the other waits at the barrier.
-  text_lib.get_or_train_tokenizer(small_config(**overrides), workdir)
-  cmd = [sys.executable, "-m", "magvlt_jax.tools.local_cluster", "--processes=2",
-         "--devices_per_process=2", "--"] + main_cmd(workdir, **overrides)[3:]
-  log = str(tmp_path / "pod.log")
-  _run(cmd, log)
-  out = open(log).read()
+def test_resume_with_another_process_count_matches_one_process(pod):
+  """2 processes x 2 devices to step 2 -> resumed by 4 processes x 1 device to step 4 == one
+  process with 4 devices to step 4 (checkpoints at 2 and 4 compared)."""
+  out, workdir, root = pod["log"], pod["workdir"], pod["root"]
   for pid in (0, 1):
     assert f"[p{pid}]" in out and f"(host {pid} of 2)" in out, out[-3000:]
   assert "global batch 16, 4 devices" in out
   assert _complete_steps(os.path.join(workdir, "checkpoints")) == [2]
-  # Saved from 4 devices over 2 processes; read back here on one (a target with its sharding).
-  params = checkpoints.load_params(workdir, step=2)
-  assert params and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-  data = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      os.path.join(workdir, "checkpoints", "2", "data"))
-  assert data["iterator"]["next_batch"] == 2
   assert os.path.exists(os.path.join(workdir, "samples", "step_2", "t2i.png"))  # once, by p0
+
+  log4 = str(root / "pod4.log")
+  _run(_cluster_cmd(4, 1, workdir, **pod["overrides"], **{"train.num_steps": 4}), log4)
+  out4 = open(log4).read()
+  for pid in range(4):
+    assert f"(host {pid} of 4)" in out4, out4[-3000:]
+  assert re.search(r"\[p0\].*[Rr]estor\w* checkpoint step 2\b", out4), out4[-3000:]
+  assert "training steps 2..4, global batch 16, 4 devices" in out4
+  assert "differ from the interrupted run" not in out4  # the iterator state fits any host count
+
+  ref = str(root / "ref")
+  env = dict(_env(), JAX_NUM_CPU_DEVICES="4")
+  with open(root / "ref.log", "w") as f:
+    proc = subprocess.run(main_cmd(ref, **pod["overrides"], **{"train.num_steps": 4}), cwd=_ROOT,
+                          env=env, stdout=f, stderr=subprocess.STDOUT, timeout=_TIMEOUT, check=False)
+  ref_log = open(root / "ref.log").read()
+  assert proc.returncode == 0, ref_log[-3000:]
+  assert "training steps 0..4, global batch 16, 4 devices" in ref_log
+  assert _complete_steps(os.path.join(workdir, "checkpoints")) == [2, 4]
+  for step in (2, 4):
+    _assert_same_params(checkpoints.load_params(ref, step=step),
+                        checkpoints.load_params(workdir, step=step), f"params at step {step}",
+                        lr=small_config().optimizer.peak_lr)
+    assert _final_state(ref, step)[1] == _final_state(workdir, step)[1] == {
+        "next_batch": step, "records": 64, "seed": 0, "global_batch": 16, "split": "train"}
+  a, b = _final_state(ref, 4)[0], _final_state(workdir, 4)[0]
+  assert int(a["step"]) == int(b["step"]) == 4
+  _assert_same_params(a["opt_state"], b["opt_state"], "optimizer state at step 4")
+
+
+@pytest.mark.slow
+def test_evaluate_and_sample_jobs_under_two_processes_write_once(pod):
+  """--mode=evaluate and --mode=sample on the pod's checkpoint, 2 processes: every process
+  loads it, process 0 alone writes the report / the samples, the others say so."""
+  workdir, root = pod["workdir"], pod["root"]
+  small_eval = {f"eval.{k}": 2 for k in ("num_t2i", "num_i2t", "num_inpaint", "num_infill",
+                                         "num_recon", "batch_size", "num_grid")}
+  log = str(root / "eval2.log")
+  _run(_cluster_cmd(2, 2, workdir, "evaluate", **pod["overrides"], **small_eval), log)
+  out = open(log).read()
+  step = max(_complete_steps(os.path.join(workdir, "checkpoints")))
+  assert re.search(r"\[p1\].*evaluate: process 1 of 2: process 0 writes", out), out[-3000:]
+  assert not re.search(r"\[p0\].*process 0 of 2: process 0 writes", out)
+  report = os.path.join(workdir, "eval", f"report_step_{step}.json")
+  assert os.path.isfile(report)
+  names = os.listdir(os.path.join(workdir, "eval"))
+  assert not [n for n in names if "tmp" in n], names  # no half-written or duplicate temp files
+
+  log = str(root / "sample2.log")
+  _run(_cluster_cmd(2, 2, workdir, "sample", **pod["overrides"], **{"sample.batch_size": 2}), log)
+  out = open(log).read()
+  assert re.search(r"\[p1\].*sample: process 1 of 2: process 0 writes", out), out[-3000:]
+  assert re.search(r"\[p0\].*sample: 2 images, 2 captions written to", out), out[-3000:]
+  assert len(re.findall(r"images, \d+ captions written to", out)) == 1
+  final = os.path.join(workdir, "samples", "final")
+  assert sorted(os.listdir(os.path.join(final, "t2i"))) == ["000000.png", "000001.png"]
+  assert len(open(os.path.join(final, "t2i.jsonl")).read().splitlines()) == 2

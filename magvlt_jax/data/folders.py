@@ -33,6 +33,34 @@ _HOLDOUT_EVERY = 100
 _CHUNK = 256  # images checked concurrently
 
 
+def read_coco_captions(path, counter):
+  """({image id: file name}, {image id: [captions]}) of a COCO captions JSON. A file that is not
+  JSON or lacks the "images"/"annotations" lists is an error naming the file and the key; an entry
+  without its id/file_name (or image_id) is skipped and counted as `bad_entry`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not a COCO captions JSON ({e})") from e
+  for key in ("images", "annotations"):
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+      raise ValueError(f"{path}: no {key!r} list (a COCO captions JSON has \"images\": "
+                       f"[{{\"id\", \"file_name\"}}] and \"annotations\": "
+                       f"[{{\"image_id\", \"caption\"}}])")
+  files, captions = {}, {}
+  for im in data["images"]:
+    try:
+      files[int(im["id"])] = str(im["file_name"])
+    except (KeyError, TypeError, ValueError):
+      counter.add("bad_entry", f"{path}: image entry {str(im)[:100]} (needs id, file_name)")
+  for ann in data["annotations"]:
+    try:
+      captions.setdefault(int(ann["image_id"]), []).append(ann.get("caption", ""))
+    except (KeyError, TypeError, ValueError, AttributeError):
+      counter.add("bad_entry", f"{path}: annotation {str(ann)[:100]} (needs image_id, caption)")
+  return files, captions
+
+
 @dataclasses.dataclass(eq=False)
 class SourceConfig(tfds.core.BuilderConfig):
   path: str = ""
@@ -112,12 +140,7 @@ class CocoCaptionsFolder(_FolderBuilder, skip_registration=True):
             for split, (ann, image_dir) in self._annotation_files().items()}
 
   def _generate_examples(self, annotation_file, image_dir):
-    with open(annotation_file, encoding="utf-8") as f:
-      data = json.load(f)
-    files = {int(im["id"]): im["file_name"] for im in data.get("images", [])}
-    captions = {}
-    for ann in data.get("annotations", []):
-      captions.setdefault(int(ann["image_id"]), []).append(ann.get("caption", ""))
+    files, captions = read_coco_captions(annotation_file, self.counter)
     for image_id in files:
       if image_id not in captions:
         self.counter.add("no_caption", f"image id {image_id}")

@@ -1,13 +1,16 @@
 """Input pipeline: prepared TFDS dataset (array_record) -> tfds data source -> grain -> host-local
 numpy batches. No TensorFlow.
 
-Determinism and resumption: batch k of host h is a pure function of (dataset, seed, k, h, hosts).
-Host-local stream position p maps to epoch e = p // m and record perm_e[h + (p % m) * hosts] with
-m = n // hosts and perm_e a permutation seeded by (seed, e) shared by all hosts, so in every epoch
-each host reads a disjoint 1/hosts of the records (n % hosts records of each epoch are left out so
-all hosts yield the same number of batches). Crop, caption choice and BPE-dropout use an RNG
-seeded by (seed, e, record). The iterator state is {"next_batch": k, ...}: JSON-able, and a
-restored iterator yields exactly the batches an uninterrupted one would.
+Determinism and resumption: global batch k is a pure function of (dataset, seed, k) and does not
+depend on the number of hosts. Its rows are the global stream positions G = k*B .. k*B + B - 1,
+position G being record perm_e[G % n] of epoch e = G // n (perm_e a permutation seeded by
+(seed, e), shared by all hosts); host h reads the contiguous block of b = B / hosts rows starting
+at k*B + h*b, which is where jax.make_array_from_process_local_data puts its rows on a mesh whose
+devices are ordered by process. So in every epoch each host reads a disjoint share of the records,
+and a run resumed with another number of processes sees exactly the global batches of a
+single-process run. Crop, caption choice and BPE-dropout use an RNG seeded by (seed, e, record).
+The iterator state is {"next_batch": k, ...}: JSON-able, the same on every host, and a restored
+iterator yields exactly the batches an uninterrupted one would.
 
 Batch (numpy, host-local): image uint8 [B,S,S,3]; image_lr uint8 [B,S,S/2,3]; image_tb uint8
 [B,S/2,S,3]; text int32 [B,n_txt] (EOS padded); text_length int32 [B] (counts the EOS); eval
@@ -199,14 +202,17 @@ def _threads(config) -> int:
   return n if n > 0 else max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def train_records(k: int, batch: int, per_host: int, process_index: int, process_count: int,
+def train_records(k: int, global_batch: int, process_index: int, process_count: int, n: int,
                   permutation) -> tuple[list[int], list[int]]:
-  """(epochs, record indices) of host-local training batch k; permutation(epoch) -> perm of n."""
+  """(epochs, record indices) of host `process_index`'s rows of global training batch k (its
+  contiguous block of global_batch / process_count rows); permutation(epoch) -> perm of n."""
+  local = global_batch // process_count
   epochs, indices = [], []
-  for position in range(k * batch, (k + 1) * batch):
-    epoch, j = divmod(position, per_host)
+  start = k * global_batch + process_index * local
+  for position in range(start, start + local):
+    epoch, j = divmod(position, n)
     epochs.append(epoch)
-    indices.append(int(permutation(epoch)[process_index + j * process_count]))
+    indices.append(int(permutation(epoch)[j]))
   return epochs, indices
 
 
@@ -215,26 +221,25 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
   """Infinite shuffled, augmented training batches of this host (see the module docstring).
   tokenizer=None: images only (the VQGAN trainer)."""
   pi, pc = _hosts(process_index, process_count)
-  batch = _local_batch(int(config.data.global_batch_size), pc, "config.data.global_batch_size")
+  global_batch = int(config.data.global_batch_size)
+  batch = _local_batch(global_batch, pc, "config.data.global_batch_size")
   source, counts = open_source(config, config.data.train_split, workdir=workdir,
                                data_dir=data_dir,
                                all_hosts=process_index is None and process_count is None)
   seed = int(config.data.shuffle_seed if seed is None else seed)
   reader = _Reader(config, source, tokenizer, train=True, seed=seed)
-  per_host = reader.n // pc
-  if per_host == 0:
-    raise ValueError(f"{reader.n} training records cannot be split over {pc} processes")
 
   def load(k: int) -> dict:
-    epochs, indices = train_records(k, batch, per_host, pi, pc, reader.permutation)
+    epochs, indices = train_records(k, global_batch, pi, pc, reader.n, reader.permutation)
     rngs = [np.random.default_rng([seed, e, i]) for e, i in zip(epochs, indices)]
     return reader.batch(indices, rngs)
 
   ds = grain.MapDataset.range(_STREAM_LENGTH // batch).map(load)
-  fp = {"records": reader.n, "seed": seed, "batch": batch, "process_index": pi,
-        "process_count": pc, "split": config.data.train_split}
-  logging.info("data: %s/%s %d records, %d per host per epoch, local batch %d (host %d of %d)",
-               config.data.name, config.data.train_split, reader.n, per_host, batch, pi, pc)
+  # No host in the state: it is the same on every host and valid for any number of them.
+  fp = {"records": reader.n, "seed": seed, "global_batch": global_batch,
+        "split": config.data.train_split}
+  logging.info("data: %s/%s %d records, global batch %d, local batch %d (host %d of %d)",
+               config.data.name, config.data.train_split, reader.n, global_batch, batch, pi, pc)
   return DataIterator(ds, reader, threads=_threads(config), fingerprint=fp,
                       prepare_counts=counts)
 

@@ -153,6 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, sampler=None) -> Dict[s
   if jax.process_index() == 0:  # every host computes the same numbers; one writes them
     rep.write_report(path, report)
     _write_tensorboard(config, workdir, step, report, result)
+  else:
+    logging.info("evaluate: process %d of %d: process 0 writes the report and grids to %s",
+                 jax.process_index(), jax.process_count(), out_dir)
   print(summary(report, path))
   if compare_path:
     other = rep.load_report(compare_path)
