@@ -250,3 +250,24 @@ def test_loss_falls_on_an_overfit_batch_and_compiles_once(variant):
   assert obj.trace_count == 1  # one program for all three modalities
   fields = obj.metric_fields()
   assert {"ccc_loss", "mlm_loss", "itm_loss", "itm_accuracy", "frac_image"} <= set(fields)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_lxmert", "base", "base_uniter"])
+def test_configs_validate(variant):
+  c = configs_util.load_config(f"configs/xlxmert.py:{variant}")
+  configs_util.validate_config(c)
+  assert c.sequence.image_tokens == 64 and c.objective == "xlxmert"
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("model.arch", "three_stream", "config.model.arch"),
+    ("model.itm_head", False, "config.model.itm_head"),
+    ("train.modality_weights", (1.0, 1.0), "config.train.modality_weights"),
+    ("train.text_masking", "bernoulli", "config.train.text_masking"),
+])
+def test_bad_settings_name_the_key(key, value, named):
+  c = configs_util.load_config("configs/xlxmert.py:tiny_lxmert")
+  section, leaf = key.split(".")
+  c[section][leaf] = value
+  with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+    configs_util.validate_config(c)
