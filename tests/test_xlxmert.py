@@ -182,7 +182,8 @@ def test_box_embedding_replaces_image_positions_only_when_on():
   layout = seq.make_layout(seq.Task.T2I, N_TXT, GRID * GRID)
   inputs = seq.build_input(layout, jnp.zeros((1, GRID * GRID), jnp.int32),
                            jnp.full((1, N_TXT), EOS, jnp.int32), image_vocab_size=V_IMG)
-  hidden = model.apply({"params": params}, inputs, None, layout=layout, outputs=("hidden",))["hidden"]
+  hidden = jax.jit(lambda p, i: model.apply({"params": p}, i, None, layout=layout,
+                                             outputs=("hidden",))["hidden"])(params, inputs)
   img = np.asarray(hidden[0, layout.image_slice])
   assert np.abs(img[:, None] - img[None]).sum(-1)[~np.eye(GRID * GRID, dtype=bool)].min() > 1e-3
   np.testing.assert_allclose(transformer.grid_boxes(4)[3], [0.5, 1.0, 0.5, 1.0])  # cell (1, 1) of 2x2
@@ -197,31 +198,33 @@ def test_two_stream_cross_attention_sees_only_the_other_stream():
   layout = seq.make_layout(seq.Task.T2I, N_TXT, GRID * GRID)
   b = _batch(2)
 
+  @jax.jit
   def cross(codes, text):
     inputs = seq.build_input(layout, codes, text, image_vocab_size=V_IMG)
     attn = seq.attention_mask(layout, b["text_length"])
     _, state = model.apply({"params": params}, inputs, attn, layout=layout, outputs=("image",),
                            mutable=["intermediates"])
     inter = state["intermediates"]["cross_0"]
-    return np.asarray(inter["cross_lang"][0]), np.asarray(inter["cross_image"][0])
+    return inter["cross_lang"][0], inter["cross_image"][0]
 
   lang, img = two_stream.stream_indices(layout)
   q_txt = int(np.searchsorted(lang, layout.text_start))  # language-stream row of text slot 0
-  cl, ci = cross(b["image"], b["text"])
+  cl, ci = map(np.asarray, cross(b["image"], b["text"]))
   text2 = b["text"].at[:, 1].set(9)  # another language slot than the query
-  cl2, ci2 = cross(b["image"], text2)
+  cl2, ci2 = map(np.asarray, cross(b["image"], text2))
   np.testing.assert_allclose(cl2[:, q_txt], cl[:, q_txt], atol=1e-6)  # language keys unseen
   assert np.abs(ci2 - ci).max() > 1e-4  # the image stream's cross-attention reads the text
   codes2 = b["image"].at[:, 5].set((b["image"][:, 5] + 1) % V_IMG)
-  cl3, ci3 = cross(codes2, b["text"])
+  cl3, ci3 = map(np.asarray, cross(codes2, b["text"]))
   np.testing.assert_allclose(np.delete(ci3, 5, axis=1), np.delete(ci, 5, axis=1), atol=1e-6)
   assert np.abs(cl3[:, q_txt] - cl[:, q_txt]).max() > 1e-4  # ... and language reads the image
-  full = model.apply({"params": params}, seq.build_input(layout, b["image"], b["text"],
-                     image_vocab_size=V_IMG), None, layout=layout,
-                     outputs=("image", "text", "length", "itm"))
+  full = jax.jit(lambda p, i: model.apply({"params": p}, i, None, layout=layout, outputs=(
+      "image", "text", "length", "itm")))(params, seq.build_input(layout, b["image"], b["text"],
+                                                                  image_vocab_size=V_IMG))
   assert full["image"].shape == (2, GRID * GRID, V_IMG) and full["itm"].shape == (2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny", "tiny_lxmert"])
 def test_loss_falls_on_an_overfit_batch_and_compiles_once(variant):
   c = _config(variant)

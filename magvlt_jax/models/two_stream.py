@@ -34,18 +34,9 @@ def _sub_mask(mask, rows, cols):
   return None if mask is None else mask[:, :, rows][:, :, :, cols]
 
 
-class CrossBlock(nn.Module):
-  """One LXMERT cross-modality layer on (language x [B, Lt, D], image y [B, Li, D])."""
-  num_heads: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  layer_norm_eps: float = 1e-5
-  deterministic: bool = True
-  attention_impl: str = "xla"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  init_std: float = layers.INIT_STD
+class CrossBlock(layers.Block):
+  """One LXMERT cross-modality layer on (language x [B, Lt, D], image y [B, Li, D]); Block's
+  fields (cache_length unused)."""
 
   @nn.compact
   def __call__(self, x, y, masks):
