@@ -25,6 +25,7 @@ from typing import Tuple
 _KINDS = {
     "vqgan": "magvlt_jax.image_tokenizers.vqgan:VQGANTokenizer",
     "augvae": "magvlt_jax.image_tokenizers.augvae:AugVAETokenizer",
+    "grid_kmeans": "magvlt_jax.image_tokenizers.grid_kmeans:GridKMeansTokenizer",
 }
 DEFAULT_KIND = "vqgan"
 
