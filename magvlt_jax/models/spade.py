@@ -234,9 +234,9 @@ def discriminator_from_config(cfg) -> SpadeDiscriminator:
                             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def init(model, rng, example, power_iters: int = 20):
+def init(model, rng, *example, power_iters: int = 20):
   """(params, spectral) unboxed, with u converged by `power_iters` iterations."""
   k_params, k_noise = jax.random.split(rng)
-  variables = nn.meta.unbox(model.init({"params": k_params, "noise": k_noise}, example))
+  variables = nn.meta.unbox(model.init({"params": k_params, "noise": k_noise}, *example))
   params, spectral = variables["params"], variables["spectral"]
   return params, spectral_update(params, spectral, power_iters)
