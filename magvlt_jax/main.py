@@ -43,9 +43,11 @@ def run(config, workdir: str, mode: str):
     checkpoints.save_config(workdir, config)
     return image_tokenizers.get(config).train(config, workdir)
   if mode == "train_generator":
-    if "grid_kmeans" not in config:
-      raise app.UsageError("--mode=train_generator needs a config.grid_kmeans section (configs/grid_kmeans.py)")
     from magvlt_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+    if image_tokenizers.kind_of(config) != "grid_kmeans":
+      raise app.UsageError("--mode=train_generator trains X-LXMERT's SPADE generator: set "
+                           "config.image_tokenizer=grid_kmeans (settings in config.grid_kmeans)")
     from magvlt_jax.train import generator_trainer  # pylint: disable=import-outside-toplevel
     checkpoints.save_config(workdir, config)
     return generator_trainer.train_tokenizer(config, workdir)

@@ -233,3 +233,65 @@ def test_tokenizer_train_writes_params_the_registry_loads(tmp_path):
   assert int(state["step"]) == 3
   params = tok.load_params(workdir)
   np.testing.assert_array_equal(np.asarray(params["centroids"]), np.asarray(state["centroids"]))
+
+
+class _FakeTextTokenizer:
+  eos_id, sep_id, vocab_size = 1, 2, 128
+
+
+@pytest.mark.slow
+def test_transformer_trainer_step_on_grid_kmeans_tokens(tmp_path):
+  from magvlt_jax.train import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from magvlt_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  c = _system_config()
+  c.model.num_layers, c.model.embed_dim, c.model.num_heads = 1, 32, 2
+  c.data.global_batch_size = 4
+  c.train.num_steps, c.train.use_unroll, c.train.use_mixsel = 1, False, False
+  configs_util.validate_config(c)
+  tok = image_tokenizers.get(c)
+  setup = trainer.Setup(c, str(tmp_path), _FakeTextTokenizer(), tok.init_params(jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+  text = np.ones((4, c.sequence.text_length), np.int32)
+  text[:, :4] = rng.integers(3, 100, (4, 4))
+  batch = {"image": image, "image_lr": image[:, :, ::2], "image_tb": image[:, ::2], "text": text,
+           "text_length": np.full((4,), 5, np.int32)}
+  new, metrics = setup.step_fn(setup.init_state(0), setup.global_batch(batch), setup.tokenizer_params,
+                               setup.base_rng(0), setup.empty_metrics())
+  m = steps_lib.compute_metrics(metrics)
+  assert int(new.step) == 1 and np.isfinite(m["loss"]) and m["loss"] > 0
+
+
+_SHARDED_KMEANS = r"""
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, ml_collections, numpy as np
+from magvlt_jax import kmeans, parallel
+mesh_cfg = ml_collections.ConfigDict(dict(strategy="data", data=-1, fsdp=1, tensor=1, num_slices=1))
+mesh = parallel.make_mesh(mesh_cfg)
+x = np.random.default_rng(0).normal(size=(4, 64, 5)).astype(np.float32)
+state = kmeans.init_state(x[0], 6, jax.random.PRNGKey(0))
+sharded, single = kmeans.update_fn(mesh, parallel.logical_rules("data")), kmeans.update
+a = b = state
+for batch in x:
+  a, _ = sharded(a, jnp.asarray(batch))
+  b, _ = single(b, jnp.asarray(batch))
+print(json.dumps(dict(devices=mesh.size, diff=float(jnp.abs(a["centroids"] - b["centroids"]).max()),
+                      spec=str(sharded.lower(state, jnp.asarray(x[0])).compile().input_shardings[0][1]))))
+"""
+
+
+@pytest.mark.slow
+def test_kmeans_step_sharded_over_8_devices_equals_one_device():
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_KMEANS, root], capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8 and out["diff"] < 1e-5 and "data" in out["spec"]
