@@ -12,11 +12,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from magvlt_jax import kmeans
-from magvlt_jax.image_tokenizers import ImageTokenizer, tokenizer_dir
+from magvlt_jax.image_tokenizers import ImageTokenizer, load_checked_npz, tokenizer_dir
 from magvlt_jax.models import grid_features
 from magvlt_jax.models import spade
 from magvlt_jax.models import vqgan
@@ -85,25 +84,10 @@ class GridKMeansTokenizer(ImageTokenizer):
       centroids = nn.LogicallyPartitioned(centroids, ("codebook", "embed"))
     return dict(backbone=backbone, centroids=centroids, generator=dict(params=params, spectral=spectral))
 
-  def params_file(self, path):
-    for f in (path, os.path.join(path, PARAMS_FILE), os.path.join(tokenizer_dir(path), PARAMS_FILE)):
-      if os.path.isfile(f) and f.endswith(".npz"):
-        return f
-    raise FileNotFoundError(f"grid_kmeans.load_params: no tokenizer params at {path} (looked for an .npz, "
-                            f"{PARAMS_FILE} and tokenizer/{PARAMS_FILE})")
-
   def load_params(self, path: str):
-    where = self.params_file(path)
-    with np.load(where) as f:
-      params = vqgan.unflatten_params({k: f[k] for k in f.files})
-    want = vqgan.flatten_params_shapes(jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0))))
-    got = vqgan.flatten_params_shapes(params)
-    bad = sorted(k for k in set(want) | set(got)
-                 if k not in want or k not in got or tuple(want[k].shape) != tuple(np.shape(got[k])))
-    if bad:
-      raise ValueError(f"{where} does not match config.grid_kmeans (variant {self.cfg.variant!r}: "
-                       f"{self.vocab_size} clusters, feature_layer {self.cfg.feature_layer!r}): missing, "
-                       f"extra or mis-shaped: {bad[:20]}")
+    abstract = jax.eval_shape(lambda: self.init_params(jax.random.PRNGKey(0)))
+    params = load_checked_npz(path, self.kind, abstract, f"variant {self.cfg.variant!r}: {self.vocab_size} "
+                              f"clusters, feature_layer {self.cfg.feature_layer!r}")
     params.setdefault("backbone", {})
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
