@@ -7,10 +7,11 @@ one-cell-per-step orders), the transformer with grid-box image embeddings and th
 config.model.arch "single_stream" (X-UNITER) or "two_stream" (LXMERT: language / object-relation /
 cross-modality layers; models/two_stream.py). The image side is an 8x8 grid (64 tokens).
 
-Image tokenizer: until the `grid_kmeans` tokenizer (k-means cluster ids of 8x8 grid features)
-is in this tree, the 8x8 grid comes from a VQ-GAN: the tiny one (64 px / f8, 256 codes) and, for
-base, the f16_16384 layout at 128 px (8x8 codes). Swap with --config.image_tokenizer=... once
-available and set sequence.image_vocab_size to its vocabulary.
+Image tokenizer: "grid_kmeans" (config.grid_kmeans, configs/grid_kmeans.py): the k-means cluster
+ids of an 8x8 grid of EfficientNet-Lite0 features (tiny: 256 clusters at 64 px; base: the paper's
+10,000 at 256 px), painted back by the SPADE generator; --mode=train fits both first when
+WORKDIR/tokenizer has none. Any other 8x8 tokenizer plugs in the same way, e.g. the tiny VQ-GAN:
+--config.image_tokenizer=vqgan --config.sequence.image_vocab_size=256.
 
 Variants:
   tiny          CPU-sized single stream (magvlt tiny's 4 x 128 x 4).
@@ -52,12 +53,12 @@ def get_config(variant: str = "tiny"):
   c.variant = variant
   c.objective = "xlxmert"
 
-  # --- image side: an 8x8 grid (see the module docstring for the tokenizer).
-  if not tiny:
-    c.vqgan.image_size = 128  # f16 -> 8x8 codes
-  grid = c.vqgan.image_size // 2 ** (len(c.vqgan.channel_mult) - 1)
-  assert grid == 8, grid
-  c.sequence.image_tokens = grid * grid
+  # --- image side: the 8x8 grid of k-means cluster ids (data.image_size already equals
+  # grid_kmeans.image_size in both sizes: 64 / 256).
+  c.image_tokenizer = "grid_kmeans"
+  c.sequence.image_tokens = c.grid_kmeans.grid * c.grid_kmeans.grid
+  del c.sequence.image_vocab_size  # drop magvlt's link to vqgan.codebook_size, then follow k
+  c.sequence.image_vocab_size = c.grid_kmeans.get_ref("num_clusters")
 
   # --- transformer
   m = c.model
