@@ -83,8 +83,11 @@ def fit_vocabulary(config, workdir, backbone=None):
   return np.asarray(state["centroids"]), history
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "System config (with a grid_kmeans section).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; writes WORKDIR/tokenizer/kmeans.npz.")
+def _define_flags():
+  """The CLI flags, defined only when run as a script: the trainer imports this module inside
+  main.py's process, whose absl flags already include --config and --workdir."""
+  return (config_flags.DEFINE_config_file("config", None, "System config (with a grid_kmeans section)."),
+          flags.DEFINE_string("workdir", None, "Run directory; writes WORKDIR/tokenizer/kmeans.npz."))
 
 
 def main(argv):
@@ -98,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG, _WORKDIR = _define_flags()
   app.run(main)
