@@ -59,6 +59,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # L-Verse AugVAE-SL, used with --config.image_tokenizer=augvae (then set sequence.image_tokens,
   # image_vocab_size and data.image_size to its grid; tiny: 8x8 x 256 codes, as the VQ-GAN's).
   c.augvae = _tokenizer_config("augvae", "tiny" if tiny else "sl")
+  # X-LXMERT's grid features + k-means ids + SPADE generator, used with
+  # --config.image_tokenizer=grid_kmeans (tiny: 8x8 x 256 clusters, as the VQ-GAN's grid and codes).
+  c.grid_kmeans = _tokenizer_config("grid_kmeans", "tiny" if tiny else "base")
 
   # --- transformer
   layers, width, heads = _SIZES[variant]

@@ -105,6 +105,24 @@ def _validate_model(config):
   _one_of(config, "model.dtype", DTYPES)
   _one_of(config, "model.param_dtype", DTYPES)
   _one_of(config, "model.attention_impl", ATTENTION_IMPLS)
+  _validate_arch(config)
+
+
+def _validate_arch(config):
+  """config.model.arch (transformer.ARCHS) and the two-stream layer counts."""
+  from magvlt_jax.models import transformer  # pylint: disable=import-outside-toplevel
+  if "arch" in config.model:
+    _one_of(config, "model.arch", tuple(transformer.ARCHS))
+  if config.model.get("arch", "single_stream") != "two_stream":
+    return
+  for key in ("language_layers", "relation_layers", "cross_layers"):
+    value = _get(config, f"model.two_stream.{key}")
+    if not isinstance(value, int) or value < 0:
+      _fail(f"model.two_stream.{key}", value, "must be a non-negative int", "e.g. 9 / 5 / 5")
+  for key in ("causal", "scan_layers"):
+    if config.model.get(key, False):
+      _fail(f"model.{key}", True, "is not supported by the two-stream transformer",
+            f"set config.model.{key}=False")
 
 
 def validate_vqgan(config):

@@ -3,7 +3,8 @@
   python -m magvlt_jax.main --config=configs/magvlt.py:tiny --workdir=/tmp/magvlt [--mode=train]
 
 Modes: train (default: image tokenizer first if needed, then the transformer, then final
-samples), train_tokenizer, describe (parameter overview ending in `total params: N`), sample
+samples), train_tokenizer, train_generator (X-LXMERT's k-means vocabulary + SPADE generator,
+config.grid_kmeans: k-means resumes or is skipped when done), describe (parameter overview ending in `total params: N`), sample
 (magvlt_jax.sample_job), evaluate (magvlt_jax.evaluation.evaluate). Any config value can be
 overridden: --config.train.num_steps=100 --config.data.path=DIR ...
 """
@@ -14,7 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "train_tokenizer", "describe", "sample", "evaluate")
+MODES = ("train", "train_tokenizer", "train_generator", "describe", "sample", "evaluate")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/magvlt.py:tiny.",
                                           lock_config=True)
@@ -41,6 +42,15 @@ def run(config, workdir: str, mode: str):
     from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
     checkpoints.save_config(workdir, config)
     return image_tokenizers.get(config).train(config, workdir)
+  if mode == "train_generator":
+    from magvlt_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+    if image_tokenizers.kind_of(config) != "grid_kmeans":
+      raise app.UsageError("--mode=train_generator trains X-LXMERT's SPADE generator: set "
+                           "config.image_tokenizer=grid_kmeans (settings in config.grid_kmeans)")
+    from magvlt_jax.train import generator_trainer  # pylint: disable=import-outside-toplevel
+    checkpoints.save_config(workdir, config)
+    return generator_trainer.train_tokenizer(config, workdir)
   if mode == "sample":
     from magvlt_jax import sample_job  # pylint: disable=import-outside-toplevel
     return sample_job.run(config, workdir)

@@ -25,6 +25,7 @@ from typing import Tuple
 _KINDS = {
     "vqgan": "magvlt_jax.image_tokenizers.vqgan:VQGANTokenizer",
     "augvae": "magvlt_jax.image_tokenizers.augvae:AugVAETokenizer",
+    "grid_kmeans": "magvlt_jax.image_tokenizers.grid_kmeans:GridKMeansTokenizer",
 }
 DEFAULT_KIND = "vqgan"
 
@@ -106,6 +107,31 @@ def get(config) -> ImageTokenizer:
 
 def tokenizer_dir(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer")
+
+
+def find_params_file(path: str, kind: str, filename: str = "params.npz") -> str:
+  """The .npz at `path`, PATH/params.npz or PATH/tokenizer/params.npz (a tokenizer dir or a workdir)."""
+  for f in (path, os.path.join(path, filename), os.path.join(tokenizer_dir(path), filename)):
+    if os.path.isfile(f) and f.endswith(".npz"):
+      return f
+  raise FileNotFoundError(f"{kind}.load_params: no tokenizer params at {path} (looked for an .npz, "
+                          f"{filename} and tokenizer/{filename})")
+
+
+def load_checked_npz(path: str, kind: str, abstract, what: str):
+  """Params ('a/b/c' -> array npz) from find_params_file(path), every key and shape checked against
+  the `abstract` tree; ValueError names config.<kind> (`what`: variant and sizes) and the bad keys."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from magvlt_jax.models import vqgan  # pylint: disable=import-outside-toplevel
+  where = find_params_file(path, kind)
+  with np.load(where) as f:
+    params = vqgan.unflatten_params({k: f[k] for k in f.files})
+  want, got = vqgan.flatten_params_shapes(abstract), vqgan.flatten_params_shapes(params)
+  bad = sorted(k for k in set(want) | set(got)
+               if k not in want or k not in got or tuple(want[k].shape) != tuple(np.shape(got[k])))
+  if bad:
+    raise ValueError(f"{where} does not match config.{kind} ({what}): missing, extra or mis-shaped: {bad[:20]}")
+  return params
 
 
 def params_for_run(config, workdir: str):

@@ -5,9 +5,8 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from magvlt_jax.image_tokenizers import ImageTokenizer, tokenizer_dir
+from magvlt_jax.image_tokenizers import ImageTokenizer, load_checked_npz, tokenizer_dir
 from magvlt_jax.models import augvae
 from magvlt_jax.models import vqgan
 
@@ -33,24 +32,9 @@ class AugVAETokenizer(ImageTokenizer):
   def init_params(self, rng, boxed: bool = False):
     return augvae.init_params(self.cfg, rng, stage="sl", boxed=boxed)
 
-  def _params_file(self, path):
-    for f in (path, os.path.join(path, vqgan.PARAMS_FILE), os.path.join(tokenizer_dir(path), vqgan.PARAMS_FILE)):
-      if os.path.isfile(f) and f.endswith(".npz"):
-        return f
-    raise FileNotFoundError(f"augvae.load_params: no AugVAE-SL params at {path} (looked for an .npz, "
-                            f"{vqgan.PARAMS_FILE} and tokenizer/{vqgan.PARAMS_FILE})")
-
   def load_params(self, path: str):
-    where = self._params_file(path)
-    with np.load(where) as f:
-      params = vqgan.unflatten_params({k: f[k] for k in f.files})
-    want = vqgan.flatten_params_shapes(augvae.abstract_params(self.cfg, "sl"))
-    got = vqgan.flatten_params_shapes(params)
-    bad = sorted(k for k in set(want) | set(got)
-                 if k not in want or k not in got or tuple(want[k].shape) != tuple(np.shape(got[k])))
-    if bad:
-      raise ValueError(f"{where} does not match config.augvae (variant {self.cfg.variant!r}, AugVAE-SL): "
-                       f"missing, extra or mis-shaped: {bad[:20]}")
+    params = load_checked_npz(path, self.kind, augvae.abstract_params(self.cfg, "sl"),
+                              f"variant {self.cfg.variant!r}, AugVAE-SL")
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(self.cfg.param_dtype)), params)
 
   def has_params(self, workdir: str) -> bool:

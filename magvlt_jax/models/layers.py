@@ -53,7 +53,9 @@ def dense(features, names, dtype, param_dtype, use_bias=True, name=None, init_st
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with biases; heads are contiguous head_dim-wide column blocks."""
+  """Multi-head attention with biases; heads are contiguous head_dim-wide column blocks.
+  Self-attention by default; `context` [B, S, D] gives cross-attention (keys and values from it,
+  queries from x; LXMERT's cross-modality layers)."""
   num_heads: int
   dropout_rate: float = 0.0
   deterministic: bool = True
@@ -85,12 +87,14 @@ class Attention(nn.Module):
     return constrain(y, ("batch", "length", "heads", "kv"))
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, context=None):
     features = x.shape[-1]
     if features % self.num_heads:
       raise ValueError(f"embed_dim {features} is not divisible by num_heads {self.num_heads}")
     head_dim = features // self.num_heads
-    q, k, v = (self._proj(x, n, features, self.num_heads, head_dim) for n in ("q", "k", "v"))
+    kv_in = x if context is None else context
+    q = self._proj(x, "q", features, self.num_heads, head_dim)
+    k, v = (self._proj(kv_in, n, features, self.num_heads, head_dim) for n in ("k", "v"))
     if self.cache_length:
       k, v = self._cached_kv(k, v)
     if self.dropout_rate > 0.0 and not self.deterministic:

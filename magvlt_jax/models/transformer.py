@@ -6,11 +6,18 @@ selectors), and learned positions for image [n_img, D], text [n_txt, D] and spec
 Blocks are pre-LN with no final LayerNorm; the head is Dense -> GELU -> LayerNorm, tied to the
 token table plus an output bias, evaluated per modality on its own vocabulary slice only. The
 length head reads the BOT slot. Bidirectional by default; `causal=True` for the AR baselines.
+X-LXMERT options, both off by default (then params and outputs are MAGVLT's): `box_embedding`
+embeds image slots as LXMERT's object embedder, 0.5 * (LN(token) + LN(Dense(box))) with the
+cell's normalised grid box (x0, x1, y0, y1) in place of the learned image position; `itm_head`
+adds the image-text matching output 'itm' [B, 2] (pooler Dense -> tanh -> Dense on BOC, the
+[CLS]-like slot). The LXMERT two-stream encoder (models/two_stream.py) subclasses this module
+and replaces only `_encode`; `from_config` picks it with config.model.arch.
 
 Call (see CONTRACT):
   model.apply({'params': p}, inputs, attn_mask, layout=layout, deterministic=True,
               outputs=('image', 'text', 'length'), rngs={'dropout': key})
 """
+import importlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -21,7 +28,17 @@ import numpy as np
 from magvlt_jax import sequence as seq
 from magvlt_jax.models import layers
 
-ALL_OUTPUTS = ("image", "text", "length", "hidden")
+ALL_OUTPUTS = ("image", "text", "length", "hidden", "itm")
+
+
+def grid_boxes(n_img: int) -> np.ndarray:
+  """float32 [n_img, 4]: (x0, x1, y0, y1) in [0, 1] of each raster cell of a square grid (the
+  box coordinates LXMERT's object embedder takes, here of the 8x8 grid's cells)."""
+  g = int(round(n_img ** 0.5))
+  if g * g != n_img:
+    raise ValueError(f"box_embedding needs a square image grid, got {n_img} image tokens")
+  row, col = np.divmod(np.arange(n_img), g)
+  return (np.stack([col, col + 1, row, row + 1], axis=-1) / g).astype(np.float32)
 
 
 class VLTransformer(nn.Module):
@@ -43,6 +60,8 @@ class VLTransformer(nn.Module):
   scan_layers: bool = False  # one nn.scan over the blocks: params stacked on a "layers" axis
   attention_impl: str = "xla"
   num_segments: int = 0  # >0: add a learned segment embedding per slot (L-Verse BiART [REF]/[GEN])
+  box_embedding: bool = False  # X-LXMERT: image slots embedded with their grid box (see docstring)
+  itm_head: bool = False  # X-LXMERT: image-text matching logits at BOC (output 'itm')
   # KV-cache decoding (the AR decoder; same params, `model.clone(decode=True)`): inputs are the
   # next chunk of slots, attn_mask [B, 1, chunk, L] already causal, the 'cache' collection mutable;
   # image/text outputs are the next-token logits read at the chunk's last slot, [B, 1, V].
@@ -60,25 +79,62 @@ class VLTransformer(nn.Module):
     spc_table = self.param("special_embed", layers.normal_init(("special", "embed"), self.init_std),
                            (seq.NUM_SPECIAL, d), pd)
     pos_init = layers.normal_init(("positions", "embed"), self.init_std)
-    pos_img = self.param("pos_img", pos_init, (self.n_img, d), pd)
+    pos_img = None if self.box_embedding else self.param("pos_img", pos_init, (self.n_img, d), pd)
     pos_txt = self.param("pos_txt", pos_init, (self.n_txt, d), pd)
     pos_spc = self.param("pos_spc", pos_init, (self.seq_length, d), pd)
     ids, pos = inputs.ids, inputs.local_pos
     # Gather from replicated-over-embed tables: a gather from a table sharded on both axes
     # forces XLA into a full rematerialisation when the result is batch-sharded.
     tok_table = layers.constrain(tok_table, ("vocab", None))
-    spc_table, pos_img, pos_txt, pos_spc = (layers.constrain(t, (None, None))
-                                            for t in (spc_table, pos_img, pos_txt, pos_spc))
+    spc_table, pos_txt, pos_spc = (layers.constrain(t, (None, None))
+                                   for t in (spc_table, pos_txt, pos_spc))
     is_special = inputs.is_special[..., None]
     x = jnp.where(is_special, jnp.take(spc_table, jnp.minimum(ids, seq.NUM_SPECIAL - 1), axis=0),
                   jnp.take(tok_table, ids, axis=0))
     # Masked image/text slots keep their modality position and also get pos_spc (official quirk).
     is_img = (inputs.modality == seq.MODALITY_IMAGE)[..., None]
     is_txt = (inputs.modality == seq.MODALITY_TEXT)[..., None]
-    x = x + jnp.where(is_img, jnp.take(pos_img, jnp.clip(pos, max=self.n_img - 1), axis=0), 0.0)
+    img_pos = jnp.clip(pos, max=self.n_img - 1)
+    if pos_img is not None:
+      pos_img = layers.constrain(pos_img, (None, None))
+      x = x + jnp.where(is_img, jnp.take(pos_img, img_pos, axis=0), 0.0)
     x = x + jnp.where(is_txt, jnp.take(pos_txt, jnp.clip(pos, max=self.n_txt - 1), axis=0), 0.0)
     x = x + jnp.where(is_special, jnp.take(pos_spc, pos, axis=0), 0.0)
+    if self.box_embedding:
+      x = jnp.where(is_img, self._box_embed(x, img_pos), x)
     return x.astype(self.dtype)
+
+  def _box_embed(self, x, img_pos):
+    """LXMERT object embedder on the grid: 0.5 * (LN(feature) + LN(Dense(box)))."""
+    eps, dt, pd = self.layer_norm_eps, self.dtype, self.param_dtype
+    boxes = jnp.take(jnp.asarray(grid_boxes(self.n_img)), img_pos, axis=0)
+    b = layers.dense(self.embed_dim, ("box", "embed"), dt, pd, name="box_dense",
+                     init_std=self.init_std)(boxes)
+    b = layers.layer_norm(eps, dt, pd, name="box_ln")(b)
+    f = layers.layer_norm(eps, dt, pd, name="feature_ln")(x)
+    return 0.5 * (f + b)
+
+  def _encode(self, x, mask, layout, deterministic):
+    """The blocks over the embedded sequence [B, L, D] -> [B, L, D] (two_stream.py overrides)."""
+    del layout
+    block_args = (self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
+                  self.attention_dropout_rate, self.layer_norm_eps, deterministic,
+                  self.attention_impl, self.dtype, self.param_dtype, self.init_std,
+                  self.seq_length if self.decode else 0)
+    if self.scan_layers:
+      return layers.scanned_blocks(self.num_layers, self.remat)(*block_args, name="blocks")(x, mask)
+    block_cls = layers.maybe_remat(layers.Block, self.remat)
+    for i in range(self.num_layers):
+      x = block_cls(*block_args, name=f"block_{i}")(x, mask)
+    return x
+
+  def _itm(self, x, layout):
+    """Image-text matching logits [B, 2] (class 1 = matched) from the BOC slot."""
+    pool = layers.dense(self.embed_dim, ("embed", "mlp"), self.dtype, self.param_dtype,
+                        name="itm_pool", init_std=self.init_std)
+    head = layers.dense(2, ("embed", "itm_classes"), self.dtype, self.param_dtype,
+                        name="itm_head", init_std=self.init_std)
+    return head(jnp.tanh(pool(x[:, layout.boc_index]))).astype(jnp.float32)
 
   def _head(self, h, tok_table, bias, lo, hi, dense, norm):
     h = norm(nn.gelu(dense(h), approximate=False))
@@ -126,20 +182,15 @@ class VLTransformer(nn.Module):
     mask = attn_mask
     if self.causal and not self.decode:
       mask = seq.causal_mask(self.seq_length) if mask is None else mask & seq.causal_mask(self.seq_length)
-    block_args = (self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
-                  self.attention_dropout_rate, self.layer_norm_eps, deterministic,
-                  self.attention_impl, self.dtype, self.param_dtype, self.init_std,
-                  self.seq_length if self.decode else 0)
-    if self.scan_layers:
-      x = layers.scanned_blocks(self.num_layers, self.remat)(*block_args, name="blocks")(x, mask)
-    else:
-      block_cls = layers.maybe_remat(layers.Block, self.remat)
-      for i in range(self.num_layers):
-        x = block_cls(*block_args, name=f"block_{i}")(x, mask)
+    x = self._encode(x, mask, layout, deterministic)
 
     result = {}
     if "hidden" in outputs:
       result["hidden"] = x
+    if "itm" in outputs:
+      if not self.itm_head or self.decode:
+        raise ValueError("VLTransformer: output 'itm' needs itm_head=True (config.model.itm_head)")
+      result["itm"] = self._itm(x, layout)
     if "image" in outputs or "text" in outputs:
       dense = layers.dense(self.embed_dim, ("embed", "mlp"), self.dtype, self.param_dtype,
                            name="head_dense", init_std=self.init_std)
@@ -188,8 +239,26 @@ def unstack_layers(params):
   return params
 
 
+# config.model.arch -> "module:class" (a VLTransformer or a subclass with the same call).
+ARCHS = {
+    "single_stream": "magvlt_jax.models.transformer:VLTransformer",
+    "two_stream": "magvlt_jax.models.two_stream:TwoStreamTransformer",
+}
+
+
+def arch_class(config):
+  arch = config.model.get("arch", "single_stream")
+  if arch not in ARCHS:
+    raise ValueError(f"config.model.arch={arch!r} is not a known transformer; use one of "
+                     f"{sorted(ARCHS)}")
+  module, _, cls = ARCHS[arch].partition(":")
+  return getattr(importlib.import_module(module), cls)
+
+
 def from_config(config, **overrides) -> VLTransformer:
-  """VLTransformer from a full magvlt config (config.model + config.sequence)."""
+  """The transformer of a full system config (config.model + config.sequence): a VLTransformer,
+  or the class config.model.arch names (its extra fields from config.model, `arch_kwargs`)."""
+  cls = arch_class(config)
   m, s = config.model, config.sequence
   kwargs = dict(
       num_layers=int(m.num_layers), embed_dim=int(m.embed_dim), num_heads=int(m.num_heads),
@@ -202,9 +271,11 @@ def from_config(config, **overrides) -> VLTransformer:
       scan_layers=bool(m.get("scan_layers", False)), attention_impl=str(m.attention_impl),
       num_segments=int(m.get("num_segments", 0)), dtype=layers.get_dtype(m.dtype),
       param_dtype=layers.get_dtype(m.param_dtype),
-      init_std=float(m.get("init_std", layers.INIT_STD)))
+      init_std=float(m.get("init_std", layers.INIT_STD)),
+      box_embedding=bool(m.get("box_embedding", False)), itm_head=bool(m.get("itm_head", False)))
+  kwargs.update(getattr(cls, "arch_kwargs", lambda _: {})(config))
   kwargs.update(overrides)
-  return VLTransformer(**kwargs)
+  return cls(**kwargs)
 
 
 def dummy_inputs(config, batch: int = 1):
@@ -224,8 +295,9 @@ def init_fn(config):
   def init(rng):
     layout, inputs, mask = dummy_inputs(config)  # traced with init: one compile, no eager ops
     segments = jnp.zeros(inputs.ids.shape, jnp.int32) if model.num_segments else None
+    outputs = ("image", "text", "length") + (("itm",) if model.itm_head else ())
     variables = model.init({"params": rng}, inputs, mask, layout=layout, deterministic=True,
-                           outputs=("image", "text", "length"), segment_ids=segments)
+                           outputs=outputs, segment_ids=segments)
     return variables["params"]
   return init
 

@@ -10,6 +10,7 @@ _KINDS = {
     "magvlt": "magvlt_jax.objectives.magvlt:MagvltObjective",
     "ar": "magvlt_jax.objectives.ar:ArObjective",
     "biart": "magvlt_jax.objectives.ar:BiartObjective",
+    "xlxmert": "magvlt_jax.objectives.xlxmert:XlxmertObjective",
 }
 DEFAULT = "magvlt"
 
