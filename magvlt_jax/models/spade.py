@@ -1,7 +1,7 @@
 """X-LXMERT's image generator and discriminator (paper appendix D; SPADE, Park et al. 2019).
 
-Generator: an 8x8 grid of cluster centroids -> RGB in [-1, 1]. The grid is embedded once by a 1x1
-conv (`seg_channels`, the SPADE "segmentation map"), a 3x3 conv gives `channels` (32) features at
+Generator: an 8x8 grid of cluster centroids -> RGB in [-1, 1]. Each cell's vector is standardised
+(zero mean, unit variance over its features), then the grid is embedded once by a 1x1 conv (`seg_channels`, the SPADE "segmentation map"), a 3x3 conv gives `channels` (32) features at
 8x8, then `num_blocks` residual blocks (5 at 256 px) each upsample x2 (bilinear) and apply twice
 [SPADE -> multiplicative spatial gaussian noise -> leaky ReLU -> 3x3 conv]; every block also
 writes an RGB image (3x3 conv) that is added to the upsampled running RGB sum (StyleGAN2 skips).
@@ -178,7 +178,11 @@ class SpadeGenerator(nn.Module):
   @nn.compact
   def __call__(self, grid_feats, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    seg = SNConv(self.seg_channels, 1, **kw, name="seg_proj")(grid_feats.astype(self.dtype))
+    # Each cell's feature vector standardised first: raw backbone / detector features are tens of
+    # units large, and the identity path would carry that scale into every RGB skip (tanh saturates).
+    f = grid_feats.astype(jnp.float32)
+    f = (f - jnp.mean(f, -1, keepdims=True)) * jax.lax.rsqrt(jnp.var(f, -1, keepdims=True) + 1e-5)
+    seg = SNConv(self.seg_channels, 1, **kw, name="seg_proj")(f.astype(self.dtype))
     x = SNConv(self.channels, 3, **kw, name="conv_in")(seg)
     rgb = None
     for i in range(self.num_blocks):
