@@ -10,7 +10,6 @@ timed separately); median of --repeats. Prints a markdown table and appends it t
   python benchmarks/bench_ar_vs_mask.py --sizes base --dtype bfloat16     # GPU / TPU
 """
 import argparse
-import datetime
 import os
 import sys
 
@@ -20,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import configs_util, decoders, decoding_ar  # noqa: E402
 from magvlt_jax.models import transformer  # noqa: E402
-from bench_decoding import timed as _timed  # noqa: E402  (same compile + median timing)
+from bench_decoding import append_results, timed as _timed  # noqa: E402  (same timing, same RESULTS section)
 
 EOS = 1
 HEADER = ("| size | system | task | batch | steps | compile s | decode s | per item ms | "
@@ -102,14 +101,8 @@ def main(argv=None):
   for size in args.sizes.split(","):
     rows += bench_size(size.strip(), batches, args.repeats, args.dtype, args.image_tokens)
   if not args.no_append:
-    command = "python benchmarks/bench_ar_vs_mask.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    with open(args.results, "a", encoding="utf-8") as f:
-      f.write(f"\n## MAGVLT vs ARGVLT decoding ({stamp}, jax {jax.__version__}, "
-              f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-              f"load average {load}: measured under load, compare rows of one table only)\n\n"
-              f"`{command}`\n\n" + HEADER + "\n" + "\n".join(rows) + "\n")
+    append_results(args.results, "MAGVLT vs ARGVLT decoding", "bench_ar_vs_mask.py", argv, HEADER,
+                   rows, load_note=": measured under load, compare rows of one table only")
   return rows
 
 

@@ -91,15 +91,21 @@ def main(argv=None):
   for size in args.sizes.split(","):
     rows += bench_size(size.strip(), batches, args.repeats, args.dtype)
   if not args.no_append:
-    command = "python benchmarks/bench_decoding.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(args.results, "a", encoding="utf-8") as f:
-      load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-      f.write(f"\n## Decoding latency ({stamp}, jax {jax.__version__}, "
-              f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-              f"load average {load})\n\n`{command}`\n\n"
-              + HEADER + "\n" + "\n".join(rows) + "\n")
+    append_results(args.results, "Decoding latency", "bench_decoding.py", argv, HEADER, rows)
   return rows
+
+
+def append_results(path, title, script, argv, header, rows, load_note=""):
+  """Appends one RESULTS.md section: `## title (time, jax, devices, CPUs, load)`, the command
+  line that produced it and the table (shared by the benchmarks that print markdown rows)."""
+  command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(f"\n## {title} ({stamp}, jax {jax.__version__}, "
+            f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+            f"load average {load}{load_note})\n\n`{command}`\n\n"
+            + header + "\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ paper: configs/vqgan.py:f16_16384 (256 px -> 16x16 of 16384) and configs/augvae.
 (256 px; SL -> 32x32 of 8192). Appends a table to RESULTS.md unless --no_append.
 """
 import argparse
-import datetime
 import os
 import sys
 
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from magvlt_jax import configs_util, image_tokenizers  # noqa: E402
 from magvlt_jax.models import augvae, vqgan  # noqa: E402
-from bench_decoding import timed  # noqa: E402  (one compile + median timer)
+from bench_decoding import append_results, timed  # noqa: E402  (one timer, one RESULTS writer)
 
 HEADER = ("| size | tokenizer | image px | tokens / image | codebook | batch | encode ms/img "
           "| decode ms/img | encode img/s | decode img/s | params | device |\n"
@@ -100,15 +99,9 @@ def main(argv=None):
   for size in args.sizes.split(","):
     rows += bench_size(size.strip(), args.batch, args.repeats)
   if not args.no_append:
-    command = "python benchmarks/bench_tokenizer_throughput.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    with open(args.results, "a", encoding="utf-8") as f:
-      f.write(f"\n## Tokenizer encode / decode throughput ({stamp}, jax {jax.__version__}, "
-              f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
-              f"load average {load}: measured under load, compare rows of one table only)\n\n"
-              f"`{command}`\n\n" + HEADER + "\n" + "\n".join(rows) + "\n")
+    append_results(args.results, "Tokenizer encode / decode throughput",
+                   "bench_tokenizer_throughput.py", argv, HEADER, rows,
+                   load_note=": measured under load, compare rows of one table only")
   return rows
 
 
