@@ -93,10 +93,7 @@ class ArObjective(common.Objective):
     return fields
 
   def metric_inputs(self, aux):
-    out = dict(aux)
-    for i, name in enumerate(TASK_NAMES):
-      out[f"is_{name}"] = (aux["task"] == i).astype(jnp.float32)
-    return out
+    return dict(aux, **common.selectors(aux["task"], enumerate(TASK_NAMES)))
 
   def logits(self, params, task, codes, text, text_length, *, deterministic=True, rng=None):
     """(image logits [B, n_img, V_img], text logits [B, n_txt, V_txt]) predicting each slot from

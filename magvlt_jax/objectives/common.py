@@ -36,6 +36,12 @@ def masked_loss(logits, targets, mask, smoothing: float):
   return {"loss": (ce * mask).sum() / jnp.maximum(count, 1.0), "correct": correct, "count": count}
 
 
+def selectors(ids, names):
+  """{'is_<name>': float32 0/1 where ids == index} for (index, name) pairs: the per-example task or
+  modality selectors that metric fields average over."""
+  return {f"is_{name}": (ids == int(i)).astype(jnp.float32) for i, name in names}
+
+
 def average(value: str, weight: str = None):
   """A clu Average of inputs[value] weighted by inputs[weight] (a 0/1 selector or a count).
 

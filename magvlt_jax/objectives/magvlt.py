@@ -179,9 +179,7 @@ class MagvltObjective(common.Objective):
 
   def metric_inputs(self, aux):
     task = aux["task"]
-    out = dict(aux)
-    for t, name in TASK_NAMES.items():
-      out[f"is_{name}"] = (task == int(t)).astype(jnp.float32)
+    out = dict(aux, **common.selectors(task, TASK_NAMES.items()))
     unroll_tasks = (task == int(Task.T2I)) | (task == int(Task.I2T))
     out["has_unroll"] = (unroll_tasks & self.use_unroll).astype(jnp.float32)
     out["has_mixsel"] = jnp.float32(self.use_mixsel)

@@ -131,10 +131,7 @@ class XlxmertObjective(MagvltObjective):
     return fields
 
   def metric_inputs(self, aux):
-    out = dict(aux)
-    for i, name in enumerate(MODALITIES):
-      out[f"is_{name}"] = (aux["modality"] == i).astype(jnp.float32)
-    return out
+    return dict(aux, **common.selectors(aux["modality"], enumerate(MODALITIES)))
 
   # ---------------------------------------------------------------- branches
   def _out(self, **values):
