@@ -192,6 +192,9 @@ def _validate_train(config):
   for key in ("num_steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
               "max_nonfinite_in_row"):
     _positive(config, f"train.{key}")
+  if "cache_image_codes" in config.train:
+    from magvlt_jax.data import code_cache  # pylint: disable=import-outside-toplevel
+    _one_of(config, "train.cache_image_codes", code_cache.MODES)
   o = config.optimizer
   _positive(config, "optimizer.peak_lr")
   _positive(config, "optimizer.warmup_steps", allow_zero=True)

@@ -213,7 +213,7 @@ def test_read_time_bad_records_are_replaced_and_counted(env):
   good = [_png(np.full((70, 90, 3), 10 * i, np.uint8)) for i in range(4)]
   tiny = _png(np.full((3, 5, 3), 200, np.uint8))
   src = _FakeSource([good[0], b"garbage", good[2], tiny, b""])
-  reader = pipeline._Reader(config, src, tok, train=True, seed=0)
+  reader = pipeline.Reader(config, src, tok, train=True, seed=0)
   rngs = [np.random.default_rng(i) for i in range(5)]
   batch = reader.batch(range(5), rngs)
   assert batch["image"].shape == (5, 64, 64, 3)
@@ -221,8 +221,36 @@ def test_read_time_bad_records_are_replaced_and_counted(env):
   assert np.all(batch["image"][3] == 200)  # tiny image upscaled
   assert np.all(batch["image"][4] == 0)  # empty bytes -> wraps to record 0
   assert reader.counter.as_dict() == {"read_corrupt": 2}
-  bomb = pipeline._Reader(config, _FakeSource([good[0], good[1]]), None, train=False, seed=0)
+  bomb = pipeline.Reader(config, _FakeSource([good[0], good[1]]), None, train=False, seed=0)
   bomb.max_pixels = 1000  # every image is "too large" now
   with pytest.raises(RuntimeError, match="unreadable"):
     bomb.batch([0], [None])
   assert bomb.counter.as_dict()["read_too_large"] >= 2
+
+
+def test_image_code_cache_gives_the_step_encoders_codes(env, monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
+  from magvlt_jax.data import code_cache  # pylint: disable=import-outside-toplevel
+  config, data_dir, tok, _ = env
+  config = config.copy_and_resolve_references()
+  tokenizer = image_tokenizers.get(config)
+  params = tokenizer.init_params(jax.random.key(0))
+  config.train.cache_image_codes = "auto"
+  table = code_cache.build(config, tokenizer.encode, params, data_dir=data_dir)
+  assert table.shape == (NUM_TRAIN, tokenizer.num_tokens) and table.dtype == np.int32
+  it = pipeline.create_train_iterator(config, tok, data_dir=data_dir, image_codes=table)
+  batch = next(iter(it))
+  np.testing.assert_array_equal(batch["image_codes"],
+                                jax.jit(tokenizer.encode)(params, batch["image"]))
+  with pytest.raises(ValueError, match="rows for 48 training records"):
+    pipeline.create_train_iterator(config, tok, data_dir=data_dir, image_codes=table[:5])
+  # Not square at image_size: the random crop changes the codes, so no cache ("on": an error).
+  fake = _FakeSource([_png(np.full((64, 64, 3), 9, np.uint8)), _png(np.zeros((70, 90, 3), np.uint8))])
+  monkeypatch.setattr(pipeline, "open_source", lambda *a, **k: (fake, {}))
+  assert code_cache.build(config, tokenizer.encode, params) is None
+  config.train.cache_image_codes = "on"
+  with pytest.raises(ValueError, match="training record 1 is 90x70"):
+    code_cache.build(config, tokenizer.encode, params)
+  config.train.cache_image_codes = "off"
+  assert code_cache.build(config, tokenizer.encode, params) is None

@@ -186,3 +186,19 @@ def test_loss_falls_for_every_task_and_step_compiles_once():
           key == "unroll_loss" and task == seq.Task.IT2IT)
   # One program for all three tasks and every batch: traced exactly once.
   assert obj.trace_count == 1
+
+
+def test_cached_codes_replace_the_encoder():
+  c, obj = _objective(use_mixsel=False)  # MixSel still encodes its mixed halves
+  params = transformer.init_params(c, jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in _batch(4).items()}
+  cached = objectives.MagvltObjective(c, transformer.from_config(c), None, EOS, SEP)
+  cached.read_cached_codes()  # no encoder at all: it must read the codes
+  assert "image_codes" in cached.batch_keys and "image" not in cached.batch_keys
+  assert "image" in obj.batch_keys  # the class's keys are unchanged
+  coded = {k: batch[k] for k in cached.batch_keys if k != "image_codes"}
+  coded["image_codes"] = _encode(None, batch["image"])
+  # One task traced (the codes are read before the task switch): a third of the compile.
+  loss = lambda o, b: jax.jit(lambda p, b: o.loss_fn(p, None, b, jax.random.key(1),
+                                                     int(seq.Task.T2I))[0])(params, b)
+  np.testing.assert_allclose(float(loss(cached, coded)), float(loss(obj, batch)), rtol=1e-6)

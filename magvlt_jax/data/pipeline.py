@@ -15,7 +15,8 @@ iterator yields exactly the batches an uninterrupted one would.
 Batch (numpy, host-local): image uint8 [B,S,S,3]; image_lr uint8 [B,S,S/2,3]; image_tb uint8
 [B,S/2,S,3]; text int32 [B,n_txt] (EOS padded); text_length int32 [B] (counts the EOS); eval
 batches add captions (list of lists of str), image_id int64 [B] and valid bool [B] (padding rows
-of the last batch are False). Global arrays: parallel.global_batch(batch, mesh).
+of the last batch are False); training batches built with image_codes (data/code_cache.py) add
+image_codes int32 [B,n_img]. Global arrays: parallel.global_batch(batch, mesh).
 """
 import functools
 import logging
@@ -74,11 +75,12 @@ def open_source(config, split: str, *, workdir=None, data_dir=None, all_hosts=Fa
   return builder.as_data_source(split), info["counts"]
 
 
-class _Reader:
+class Reader:
   """Turns record indices into examples; shared by the train and eval datasets."""
 
-  def __init__(self, config, source, tokenizer, *, train: bool, seed: int):
+  def __init__(self, config, source, tokenizer, *, train: bool, seed: int, image_codes=None):
     self.source, self.tokenizer, self.train, self.seed = source, tokenizer, train, seed
+    self.image_codes = image_codes  # data/code_cache.py: row i = the codes of example i's image
     self.size = int(config.data.image_size)
     self.text_length = int(config.sequence.text_length)
     self.dropout = float(config.text.bpe_dropout) if train else 0.0
@@ -111,6 +113,10 @@ class _Reader:
     raise RuntimeError(f"data: {_MAX_FALLBACKS} consecutive unreadable records from {index}; "
                        "re-run tools/prepare_data on the source")
 
+  def load_image(self, index: int):
+    """The decoded image example `index` starts from (unreadable records fall forward)."""
+    return self._load(index, self.source[index])[1]
+
   def batch(self, indices, rngs, valid=None) -> dict:
     """Reads the records and stacks their examples."""
     records = [self.source[int(i)] for i in indices]  # __getitems__ starts threads: slower
@@ -133,6 +139,8 @@ class _Reader:
       img = transforms.center_crop(img, self.size)
     out = {"image": np.asarray(img), "image_lr": transforms.squeeze(img, "lr"),
            "image_tb": transforms.squeeze(img, "tb")}
+    if self.image_codes is not None:
+      out["image_codes"] = self.image_codes[index]
     if self.tokenizer is not None:
       if not captions:
         self.counter.add("read_empty_caption", f"record {used}")
@@ -151,7 +159,7 @@ class _Reader:
 class DataIterator:
   """Host-local batch iterator with JSON-able get_state()/set_state() and bad-data stats."""
 
-  def __init__(self, dataset: grain.MapDataset, reader: _Reader, *, threads: int,
+  def __init__(self, dataset: grain.MapDataset, reader: Reader, *, threads: int,
                fingerprint: dict, prepare_counts: dict):
     self._dataset, self._reader, self._threads = dataset, reader, threads
     self._fingerprint, self._prepare_counts = fingerprint, prepare_counts
@@ -217,9 +225,11 @@ def train_records(k: int, global_batch: int, process_index: int, process_count: 
 
 
 def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None,
-                          process_index=None, process_count=None, seed=None) -> DataIterator:
+                          process_index=None, process_count=None, seed=None,
+                          image_codes=None) -> DataIterator:
   """Infinite shuffled, augmented training batches of this host (see the module docstring).
-  tokenizer=None: images only (the VQGAN trainer)."""
+  tokenizer=None: images only (the VQGAN trainer). image_codes: int32 [records, n_img] from
+  data/code_cache.py; the batches then carry them as `image_codes`."""
   pi, pc = _hosts(process_index, process_count)
   global_batch = int(config.data.global_batch_size)
   batch = _local_batch(global_batch, pc, "config.data.global_batch_size")
@@ -227,7 +237,9 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
                                data_dir=data_dir,
                                all_hosts=process_index is None and process_count is None)
   seed = int(config.data.shuffle_seed if seed is None else seed)
-  reader = _Reader(config, source, tokenizer, train=True, seed=seed)
+  if image_codes is not None and len(image_codes) != len(source):
+    raise ValueError(f"image_codes has {len(image_codes)} rows for {len(source)} training records")
+  reader = Reader(config, source, tokenizer, train=True, seed=seed, image_codes=image_codes)
 
   def load(k: int) -> dict:
     epochs, indices = train_records(k, global_batch, pi, pc, reader.n, reader.permutation)
@@ -252,7 +264,7 @@ def create_eval_iterator(config, tokenizer=None, *, split=None, workdir=None, da
   batch = int(batch_size or config.data.eval_batch_size)
   split = split or config.data.eval_split
   source, counts = open_source(config, split, workdir=workdir, data_dir=data_dir)
-  reader = _Reader(config, source, tokenizer, train=False, seed=0)
+  reader = Reader(config, source, tokenizer, train=False, seed=0)
   mine = np.arange(pi, reader.n, pc)
   if len(mine) == 0:
     raise ValueError(f"{reader.n} eval records cannot be split over {pc} processes")

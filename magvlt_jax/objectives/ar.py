@@ -127,7 +127,7 @@ class ArObjective(common.Objective):
     that branch."""
     self.trace_count += 1
     k_task, k_drop = jax.random.split(rng)
-    codes = jax.lax.stop_gradient(self.encode_fn(tokenizer_params, batch["image"])).astype(jnp.int32)
+    codes = self.image_codes(tokenizer_params, batch)
     text = jnp.asarray(batch["text"], jnp.int32)
     tlen = jnp.asarray(batch["text_length"], jnp.int32)
     if isinstance(task, (int, np.integer)):

@@ -83,6 +83,18 @@ class Objective:
     self.eos_id, self.sep_id = int(eos_id), int(sep_id)
     self.trace_count = 0
 
+  def read_cached_codes(self):
+    """The batches carry `image_codes` (data/code_cache.py) in place of `image`: loss_fn reads
+    them instead of running the encoder. Returns self."""
+    self.batch_keys = tuple("image_codes" if k == "image" else k for k in type(self).batch_keys)
+    return self
+
+  def image_codes(self, tokenizer_params, batch):
+    """int32 [B, n_img]: the batch's cached codes, else the frozen encoder's codes of `image`."""
+    if "image_codes" in batch:
+      return jnp.asarray(batch["image_codes"], jnp.int32)
+    return jax.lax.stop_gradient(self.encode_fn(tokenizer_params, batch["image"])).astype(jnp.int32)
+
   @classmethod
   def validate_config(cls, config):
     del config

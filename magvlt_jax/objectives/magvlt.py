@@ -385,7 +385,7 @@ class MagvltObjective(common.Objective):
     static = isinstance(task, (int, np.integer))
     if task is None:
       task = draw_task(k_task, self.task_weights)
-    codes = jax.lax.stop_gradient(self.encode_fn(tok_params, batch["image"])).astype(jnp.int32)
+    codes = self.image_codes(tok_params, batch)
     batch = dict(batch, text=jnp.asarray(batch["text"], jnp.int32),
                  text_length=jnp.asarray(batch["text_length"], jnp.int32))
     branches = [lambda p, k, f=f: f(p, tok_params, batch, codes, k)

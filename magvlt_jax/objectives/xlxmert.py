@@ -188,7 +188,7 @@ class XlxmertObjective(MagvltObjective):
     (index into MODALITIES) traces only that branch."""
     self.trace_count += 1
     k_mod, k_rest = jax.random.split(rng)
-    codes = jax.lax.stop_gradient(self.encode_fn(tok_params, batch["image"])).astype(jnp.int32)
+    codes = self.image_codes(tok_params, batch)
     text = jnp.asarray(batch["text"], jnp.int32)
     tlen = jnp.asarray(batch["text_length"], jnp.int32)
     branches = [lambda p, k, f=f: f(p, codes, text, tlen, k) for f in (self._image, self._text, self._none)]

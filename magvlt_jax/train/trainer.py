@@ -23,6 +23,7 @@ from magvlt_jax import image_tokenizers
 from magvlt_jax import objectives
 from magvlt_jax import parallel
 from magvlt_jax import text as text_lib
+from magvlt_jax.data import code_cache
 from magvlt_jax.models import transformer
 from magvlt_jax.train import metric_writer
 from magvlt_jax.train import optimizer as optimizer_lib
@@ -62,7 +63,9 @@ class _Preemption:
 class Setup:
   """Everything the loop needs, built once (also used by tests and the sampler job)."""
 
-  def __init__(self, config, workdir: str, text_tokenizer, tokenizer_params):
+  def __init__(self, config, workdir: str, text_tokenizer, tokenizer_params,
+               cached_codes: bool = False):
+    """cached_codes: the training batches carry `image_codes` (data/code_cache.py)."""
     self.config, self.workdir, self.text_tokenizer = config, workdir, text_tokenizer
     self.image_tokenizer = image_tokenizers.get(config)
     self.mesh = parallel.make_mesh(config.mesh)
@@ -73,6 +76,8 @@ class Setup:
     self.tx = optimizer_lib.make_optimizer(config)
     self.schedule = optimizer_lib.learning_rate_schedule(config)
     self.objective = objectives.create(config, self.model, self.image_tokenizer, text_tokenizer)
+    if cached_codes:
+      self.objective.read_cached_codes()
     init_fn = functools.partial(_init_state, config, tx=self.tx)
     self.init_fn = init_fn
     self.abstract = parallel.abstract_state(init_fn, jax.random.key(0), rules=self.rules)
@@ -152,14 +157,18 @@ def train_and_evaluate(config, workdir: str):
   tokenizer_params = image_tokenizers.params_for_run(config, workdir)
   from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   text_tokenizer = text_lib.get_or_train_tokenizer(config, workdir)
-  setup = Setup(config, workdir, text_tokenizer, tokenizer_params)
+  image_codes = code_cache.build(config, image_tokenizers.get(config).encode, tokenizer_params,
+                                 workdir=workdir)
+  setup = Setup(config, workdir, text_tokenizer, tokenizer_params,
+                cached_codes=image_codes is not None)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"),
                                       keep=int(config.train.keep_checkpoints),
                                       save_every=int(config.train.checkpoint_every))
   state, data_state = store.restore_latest(setup.abstract_state())
   if state is None:
     state = setup.init_state(int(config.seed))
-  iterator = pipeline.create_train_iterator(config, text_tokenizer, workdir=workdir)
+  iterator = pipeline.create_train_iterator(config, text_tokenizer, workdir=workdir,
+                                            image_codes=image_codes)
   if data_state is not None:
     iterator.set_state(data_state)
   writer = metric_writer.create(workdir)
