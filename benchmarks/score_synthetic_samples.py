@@ -6,6 +6,11 @@ same N eval images, and prints the fraction whose colour / shape / place (and al
   python benchmarks/score_synthetic_samples.py --workdir=/tmp/magvlt_tiny --num=64
   python benchmarks/score_synthetic_samples.py --workdir=/tmp/magvlt_tiny --step=2000 \
       decoding.image_temperature='(1.0, 0.3)'
+  python benchmarks/score_synthetic_samples.py --workdir=/tmp/magvlt_tiny --num=128 --candidates=8
+
+`--candidates=N` scores what the Colab `Sampler` returns: the best of N samples per prompt and per
+image under config.decoding.rerank (likelihood without CLIP weights); the default scores single
+samples, as the grids logged during training do.
 
 Binding (several objects per scene, e.g. data.synthetic.max_objects=2): `t2i_obj_color_place` is
 the fraction of the prompts' objects drawn in their place in their colour, `i2t_triple_f1` the
@@ -85,6 +90,9 @@ def main(argv=None):
   ap.add_argument("--step", type=int, default=-1, help="checkpoint step; -1: latest")
   ap.add_argument("--num", type=int, default=64, help="eval examples (prompts and images)")
   ap.add_argument("--seed", type=int, default=123)
+  ap.add_argument("--candidates", type=int, default=0,
+                  help="0: one sample per prompt / image, as the training-time grids; N: the "
+                       "Colab Sampler's best of N (config.decoding.rerank)")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args(argv)
   config = checkpoints.load_config(args.workdir)
@@ -104,16 +112,24 @@ def main(argv=None):
   store.close()
   batch = next(iter(pipeline.create_eval_iterator(config, tokenizer, workdir=args.workdir,
                                                   batch_size=args.num)))
-  t2i, i2t = samples.sample_fns(setup)
-  k1, k2 = jax.random.split(jax.random.key(args.seed))
-  images = np.asarray(t2i(state.params, setup.tokenizer_params, jnp.asarray(batch["text"]),
-                          jnp.asarray(batch["text_length"]), k1))
-  text_ids, recon = i2t(state.params, setup.tokenizer_params, jnp.asarray(batch["image"]), k2)
-  scores = samples.synthetic_scores(tokenizer.decode(batch["text"]),
-                                    tokenizer.decode(np.asarray(text_ids)), images, np.asarray(recon))
+  prompts = tokenizer.decode(batch["text"])
+  if args.candidates > 0:
+    best = sampler.Sampler(config, state.params, setup.tokenizer_params, tokenizer)
+    images = np.stack([np.asarray(im) for im in best.text_to_image(
+        prompts, n=args.candidates, seed=args.seed)])
+    captions = best.image_to_text(batch["image"], n=args.candidates, seed=args.seed + 1)
+    recon = best.reconstruct(batch["image"])
+  else:
+    t2i, i2t = samples.sample_fns(setup)
+    k1, k2 = jax.random.split(jax.random.key(args.seed))
+    images = np.asarray(t2i(state.params, setup.tokenizer_params, jnp.asarray(batch["text"]),
+                            jnp.asarray(batch["text_length"]), k1))
+    text_ids, recon = i2t(state.params, setup.tokenizer_params, jnp.asarray(batch["image"]), k2)
+    captions = tokenizer.decode(np.asarray(text_ids))
+  scores = samples.synthetic_scores(prompts, captions, images, np.asarray(recon))
   scores.update(teacher_forced_i2t(setup, state.params, batch, tokenizer))
   print(json.dumps({"workdir": args.workdir, "step": int(step), "num": int(len(images)),
-                    "overrides": args.overrides, **{k: round(v, 3) for k, v in sorted(scores.items())}}))
+                    "candidates": args.candidates, "overrides": args.overrides, **{k: round(v, 3) for k, v in sorted(scores.items())}}))
 
 
 if __name__ == "__main__":
