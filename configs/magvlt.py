@@ -166,7 +166,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # tiny: fewer FLOPs per step, more steps in the time budget).
   c.train.aux_batch_stride = 4 if tiny else 1
   # Encode the training images once instead of in every step where that is exact (images already
-  # image_size square: the built-in synthetic data; data/code_cache.py). Tiny: 13% of the step.
+  # image_size square: the built-in synthetic data; data/code_cache.py). Tiny: the encoder is 13% of the step's FLOPs.
   c.train.cache_image_codes = "auto" if tiny else "off"
   c.train.log_every = 50 if tiny else 100
   c.train.sample_every = 500 if tiny else 5000

@@ -63,7 +63,7 @@ def build(config, encode_fn, tokenizer_params, *, workdir=None, data_dir=None) -
       # The last chunk keeps stale rows past its end (one compiled shape); they are dropped.
       codes = np.asarray(encode(tokenizer_params, jnp.asarray(chunk)), np.int32)
       chunks.append(codes[:i % _BATCH + 1])
-  table = np.concatenate(chunks).reshape(reader.n, -1)
+  table = np.concatenate(chunks)
   logging.info("image codes: %d training images encoded once in %.1f s (%d codes each); the train "
                "step reads them instead of running the encoder", reader.n, time.time() - t0,
                table.shape[1])
