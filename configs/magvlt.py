@@ -200,6 +200,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.decoding.guidance_scale = 0.0  # classifier-free guidance; 0 = off
   c.decoding.uncond_text_length = (8, 16)
   c.decoding.uncond_steps = 12  # unconditional image+text generation (one loop for both)
+  # I2T length probe (text fully masked, length read at BOT): how many text slots the image rows
+  # see. 0 = all text_length slots, the pass our trainer's length loss uses; the official sampler
+  # shows 16 (official_*).
+  c.decoding.length_probe_text_length = 0
   c.decoding.rerank_passes = 4  # likelihood reranking: masked passes per candidate
   c.decoding.num_image_candidates = 32 if not tiny else 4
   c.decoding.num_text_candidates = 64 if not tiny else 4
@@ -282,4 +286,6 @@ def _official(variant: str) -> ml_collections.ConfigDict:
   d.num_image_candidates = 32  # img_num_cand_samples
   d.num_text_candidates = 64  # txt_num_cand_samples
   d.guidance_scale = 0.0
+  # sampling_i2t.py probes the length with a dummy txt_mask of 16 ones: text columns >= 16 hidden.
+  d.length_probe_text_length = 16
   return c

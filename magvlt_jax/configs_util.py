@@ -236,6 +236,10 @@ def _validate_decoding_and_mesh(config):
   if not 1 <= lo <= hi <= config.sequence.text_length:
     _fail("decoding.uncond_text_length", (lo, hi), "must satisfy 1 <= lo <= hi <= sequence.text_length",
           f"e.g. (8, {min(16, config.sequence.text_length)})")
+  probe = dec.get("length_probe_text_length", 0)
+  if not 0 <= probe <= config.sequence.text_length:
+    _fail("decoding.length_probe_text_length", probe, "must be in [0, sequence.text_length]",
+          "0 (every text slot, ours) or 16 (the official sampler)")
   mesh = config.mesh
   _one_of(config, "mesh.strategy", MESH_STRATEGIES)
   _positive(config, "mesh.num_slices")

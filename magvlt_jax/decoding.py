@@ -57,6 +57,9 @@ class DecodeSpec:
   text_vocab_limit: int = 0  # > 0: never sample text ids >= this (tokenizer vocab)
   ban_eos: bool = False  # infilling keeps the caption length: no EOS inside the span
   length_mode: str = "fixed"  # fixed | predict (BOT head once) | predict_each_step
+  # Text slots the length probe pass shows (masked) to the image rows: 0 = all n_txt, as our
+  # trainer's length loss; 16 = the official sampler (its dummy txt_mask of 16 ones).
+  length_probe_slots: int = 0
   guidance: str = ""  # "" off | "text" null the text context | "image" null the image context
   record_history: bool = False  # keep per-step codes / masks in the output (tests, debugging)
 
@@ -68,6 +71,9 @@ class DecodeSpec:
       raise ValueError(f"DecodeSpec.guidance={self.guidance!r}: expected one of {GUIDANCE}")
     if self.num_steps < 1:
       raise ValueError(f"DecodeSpec.num_steps must be >= 1, got {self.num_steps}")
+    if not 0 <= self.length_probe_slots <= self.layout.n_txt:
+      raise ValueError(f"DecodeSpec.length_probe_slots={self.length_probe_slots}: expected 0 "
+                       f"(all) to n_txt={self.layout.n_txt}")
 
 
 @flax.struct.dataclass
@@ -122,6 +128,7 @@ def spec_from_config(config, task: str, *, num_steps=None, guidance=False, vocab
       text_top_k=int(d.text_top_k), text_vocab_limit=int(vocab_limit),
       length_mode={"i2t": "predict", "uncond": "predict_each_step"}.get(task, "fixed"),
       ban_eos=task == "infill",
+      length_probe_slots=int(d.get("length_probe_text_length", 0)),
       guidance=("text" if image_task else "image") if guidance else "",
       record_history=record_history)
 
@@ -224,8 +231,10 @@ def decode(logits_fn: LogitsFn, spec: DecodeSpec, key, *, image_codes, image_reg
       text_length=text_length)
   scale = jnp.asarray(guidance_scale, jnp.float32)
   if spec.length_mode == "predict":
-    # BOT cannot see the text, so one pass with the text fully masked gives the length.
-    probe = state.replace(text_length=jnp.full((batch,), layout.n_txt, jnp.int32))
+    # BOT cannot see the text, so one pass with the text fully masked gives the length. The
+    # image rows see the first length_probe_slots masked text slots (all by default).
+    shown = spec.length_probe_slots or layout.n_txt
+    probe = state.replace(text_length=jnp.full((batch,), shown, jnp.int32))
     out = _forward(spec, logits_fn, probe, jnp.ones(text_ids.shape, bool), ("length",), scale)
     length = _predict_length(out["length"], layout.n_txt)
     state = state.replace(text_length=length,

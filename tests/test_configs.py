@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("train.label_smoothing", 1.0, "train.label_smoothing"),
     ("decoding.order", "spiral", "decoding.order"),
     ("decoding.image_temperature", (1.0,), "decoding.image_temperature"),
+    ("decoding.length_probe_text_length", 25, "decoding.length_probe_text_length"),
     ("mesh.strategy", "pipeline", "mesh.strategy"),
     ("mesh.data", 0, "mesh.data"),
     ("mesh.fsdp", -2, "mesh.fsdp"),

@@ -183,6 +183,7 @@ def test_official_variants(variant, layers, width):
   assert (d.t2i_steps, tuple(d.image_temperature), tuple(d.gumbel_scale)) == (10, (1.4, 0.6), (2.0, 0.2))
   assert (d.i2t_steps, d.text_top_k, d.text_temperature) == (12, 32, 0.1)
   assert (d.num_image_candidates, d.num_text_candidates) == (32, 64)
+  assert d.length_probe_text_length == 16  # sampling_i2t.py's dummy txt_mask of 16 ones
   # Every official key has exactly one of our params of the same size (371,533,056 for base).
   n_official = sum(int(np.prod(s)) for s in official_shapes(c).values())
   assert transformer.param_count(c) == n_official

@@ -130,6 +130,29 @@ def test_i2t_remasks_only_first_n_slots():
   assert np.isfinite(np.asarray(out.text_score)).all()
 
 
+@pytest.mark.parametrize("probe_slots", [0, 4])
+def test_i2t_length_probe_shows_the_configured_text_slots(probe_slots):
+  """The length pass hides text columns >= length_probe_slots (official: 16 of 64); 0 shows all."""
+  n_txt, n_img, n = 10, 16, 6
+  seen = []
+
+  class Recorder(FakeModel):
+    def __call__(self, inputs, attn, *, layout, outputs):
+      seen.append((tuple(outputs), attn))
+      return super().__call__(inputs, attn, layout=layout, outputs=outputs)
+
+  spec = _spec(n_txt, n_img, "i2t", length_probe_slots=probe_slots)
+  out = decoding.image_to_text(Recorder(n_txt, n_img, length=n), spec, jax.random.PRNGKey(0),
+                               jnp.zeros((1, n_img), jnp.int32))
+  assert seen[0][0] == ("length",)  # the probe runs first, outside the loop
+  np.testing.assert_array_equal(
+      np.asarray(seen[0][1]),
+      np.asarray(sequence.attention_mask(spec.layout, [probe_slots or n_txt])))
+  np.testing.assert_array_equal(np.asarray(out.text_length), [n])
+  with pytest.raises(ValueError, match="length_probe_slots"):
+    _spec(n_txt, n_img, "i2t", length_probe_slots=n_txt + 1)
+
+
 def test_text_remask_orders_pick_exact_counts():
   logp = jnp.asarray([[-0.1, -3.0, -0.2, -2.0, -0.5, 0.0]])
   valid = jnp.asarray([[True, True, True, True, True, False]])
