@@ -1,6 +1,7 @@
 """Fault tolerance of the real entry point (`python -m magvlt_jax.main`, in subprocesses):
 a run SIGKILLed at a random step after its first checkpoint and restarted ends bit-identical to an
-uninterrupted run (params, optimizer state, step, the next data batch); through
+uninterrupted run (params, optimizer state, step, the next data batch), for the transformer
+trainer and the tokenizer trainer; through
 `magvlt_jax.tools.local_cluster` (jax.distributed on localhost): a 2-process run writes one
 checkpoint, 4 processes resume it and match one 4-device process, and the evaluate and sample
 jobs under 2 processes write each output once."""
@@ -99,6 +100,35 @@ def _kill_after_first_checkpoint(cmd, ckpt_dir, log, delay):
   assert proc.returncode == -signal.SIGKILL, open(log).read()[-3000:]
 
 
+def _partial_saves(directory):
+  """Checkpoints being written: orbax's `<step>.orbax-checkpoint-tmp*` folders."""
+  if not os.path.isdir(directory):
+    return []
+  return [n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n]
+
+
+def _kill_during_a_save(cmd, ckpt_dir, log):
+  """SIGKILLs the run while its second checkpoint is being written (its tmp folder exists).
+  Returns the partial folder's name (empty if the run died or finished first)."""
+  partial = []
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.time() + 600
+      while proc.poll() is None and time.time() < deadline:
+        partial = _partial_saves(ckpt_dir) if _complete_steps(ckpt_dir) else []
+        if partial:
+          break
+        time.sleep(0.002)
+      proc.send_signal(signal.SIGKILL)
+      proc.wait(timeout=60)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  assert proc.returncode == -signal.SIGKILL, open(log).read()[-3000:]
+  return partial[0] if partial else ""
+
+
 def _final_state(workdir, step, checkpoint_dir="checkpoints"):
   """(train-state tree of numpy arrays, iterator state) of checkpoint `step` (no target needed)."""
   path = os.path.join(workdir, checkpoint_dir, str(step))
@@ -168,6 +198,40 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   assert sorted(batch_a) == sorted(batch_b)
   for k in batch_a:
     np.testing.assert_array_equal(batch_a[k], batch_b[k], err_msg=f"next batch {k!r}")
+
+
+@pytest.mark.slow
+def test_tokenizer_sigkill_then_resume_is_bit_identical(tmp_path):
+  """The same for `--mode=train_tokenizer` (VQ-GAN; the GAN step is on from step 5, so both
+  steps are compiled before the first checkpoint and the kill lands in the GAN phase), killed
+  while its second checkpoint is being written: the restart must take the first one, never the
+  partial save."""
+  ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
+  steps = 30
+  common = {"vqgan.train.num_steps": steps, "vqgan.train.checkpoint_every": _EVERY,
+            "vqgan.train.log_every": _EVERY, "vqgan.loss.disc_start": 5,
+            "vqgan.train.batch_size": 4,
+            "vqgan.optimizer.warmup_steps": 2, "vqgan.discriminator.base_channels": 8,
+            "data.data_dir": str(tmp_path / "data")}
+  cmd = lambda workdir: main_cmd(workdir, **common) + ["--mode=train_tokenizer"]
+  _run(cmd(ref), str(tmp_path / "ref.log"))
+  crash_ckpts = os.path.join(crash, "tokenizer", "checkpoints")
+  partial = _kill_during_a_save(cmd(crash), crash_ckpts, str(tmp_path / "kill.log"))
+  done = _complete_steps(crash_ckpts)
+  assert partial and done == [_EVERY], (
+      f"the kill did not land inside the second save (complete {done}, partial {partial!r})")
+  assert partial in os.listdir(crash_ckpts)  # the cut-off save is still on disk
+  _run(cmd(crash), str(tmp_path / "resume.log"))
+  resume_log = open(tmp_path / "resume.log").read()
+  assert re.search(rf"[Rr]estor\w* checkpoint step {max(done)}\b", resume_log), resume_log[-3000:]
+  assert f"tokenizer: training steps {max(done)}..{steps}" in resume_log
+  a_data, b_data = _assert_bit_identical(ref, crash, os.path.join("tokenizer", "checkpoints"),
+                                         keys=("opt_state", "disc_params", "disc_opt_state"),
+                                         steps=steps)
+  from magvlt_jax.train import vqgan_io  # pylint: disable=import-outside-toplevel
+  config = checkpoints.load_config(ref)
+  np.testing.assert_array_equal(next(vqgan_io.train_images(config, ref, a_data)),
+                                next(vqgan_io.train_images(config, crash, b_data)))
 
 
 def _cluster_cmd(processes, devices, workdir, mode="train", **overrides):
