@@ -9,18 +9,13 @@ KV-cache decoder (decoders.py). Layouts: sequence.py (T2I [BOC,BOT,text,BOG,BOI,
 Variants: tiny | base | large (configs/magvlt.py's sizes).
   python -m magvlt_jax.main --config=configs/argvlt.py:tiny --workdir=/tmp/ar
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from magvlt_jax import configs_util
 
 
 def _magvlt_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "magvlt.py")
-  spec = importlib.util.spec_from_file_location("_argvlt_magvlt_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs_util.load_sibling(__file__, "magvlt.py", variant)
 
 
 def get_config(variant: str = "tiny"):

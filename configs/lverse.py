@@ -15,16 +15,11 @@ configs/magvlt.py (the tiny AugVAE recipe does not reconstruct better yet; bench
 Variants: tiny | base | large.
   python -m magvlt_jax.main --config=configs/lverse.py:tiny --workdir=/tmp/lverse
 """
-import importlib.util
-import os
+from magvlt_jax import configs_util
 
 
 def _argvlt_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "argvlt.py")
-  spec = importlib.util.spec_from_file_location("_lverse_argvlt_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs_util.load_sibling(__file__, "argvlt.py", variant)
 
 
 def get_config(variant: str = "tiny"):

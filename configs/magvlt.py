@@ -16,18 +16,13 @@ Usage:
   python -m magvlt_jax.main --config=configs/magvlt.py:tiny --workdir=/tmp/run
   ... --config.train.num_steps=100 --config.data.name=coco_captions_folder --config.data.path=DIR
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from magvlt_jax import configs_util
 
 
 def _tokenizer_config(name, variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_magvlt_{name}_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs_util.load_sibling(__file__, f"{name}.py", variant)
 
 
 _SIZES = {  # num_layers, embed_dim, num_heads

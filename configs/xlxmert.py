@@ -22,10 +22,9 @@ Text: MAGVLT's tokenizer and text slots (LXMERT used BERT's WordPiece; not offli
 
   python -m magvlt_jax.main --config=configs/xlxmert.py:tiny --workdir=/tmp/xlx
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from magvlt_jax import configs_util
 
 _VARIANTS = {  # variant -> (magvlt base variant, arch, layers or (lang, rel, cross), width, heads)
     "tiny": ("tiny", "single_stream", 4, 128, 4),
@@ -36,11 +35,7 @@ _VARIANTS = {  # variant -> (magvlt base variant, arch, layers or (lang, rel, cr
 
 
 def _magvlt_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "magvlt.py")
-  spec = importlib.util.spec_from_file_location("_xlxmert_magvlt_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return configs_util.load_sibling(__file__, "magvlt.py", variant)
 
 
 def get_config(variant: str = "tiny"):

@@ -61,6 +61,13 @@ def load_config(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
+def load_sibling(config_file: str, name: str, variant: str):
+  """get_config(variant) of the config file `name` in config_file's folder: how a system config
+  builds on another (argvlt.py on magvlt.py) or nests a tokenizer's (magvlt.py nests vqgan.py)."""
+  folder = os.path.dirname(os.path.abspath(config_file))
+  return load_config(f"{os.path.join(folder, name)}:{variant}")
+
+
 def _fail(key, value, problem, fix):
   raise ValueError(f"config.{key}={value!r} {problem}; {fix}")
 
