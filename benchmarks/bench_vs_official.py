@@ -18,6 +18,7 @@ weights. Figures, each the median of --repeats calls after one warm-up (compile)
                   of the candidates when more than one (the official path reranks with CLIP).
 --breakdown 1,8 adds where a T2I call goes (whole loop, its forwards alone, the sampling maths
 alone, the VQ decode). Writes JSON (--out) with the same keys as bench_official.py.
+--train_flops 8 prints XLA's FLOP count of that train step at batch 8 instead (compiles only).
 """
 import argparse
 import functools
@@ -69,7 +70,8 @@ def _caption(config, batch):
   return text, np.full((batch,), CAPTION_LEN, np.int32)
 
 
-def train_bench(config, params, batch, repeats):
+def _train_step(config, batch):
+  """The trainer's jitted T2I train step at bench_official.py's settings, and a batch of codes."""
   config.train.task_weights = (1.0, 0.0, 0.0)
   config.train.use_unroll = config.train.use_mixsel = False
   model = transformer.from_config(config)
@@ -84,6 +86,11 @@ def train_bench(config, params, batch, repeats):
   data = {"image": np.random.RandomState(1).randint(0, vocab, (batch, n_img)).astype(np.int32),
           "text": text, "text_length": length}
   data["image_lr"] = data["image_tb"] = data["image"]  # unused without MixSel
+  return step, objective, tx, data
+
+
+def train_bench(config, params, batch, repeats):
+  step, objective, tx, data = _train_step(config, batch)
   holder = {"state": train_state.TrainState.create(jax.tree.map(jnp.array, params), tx)}
   metrics = steps_lib.empty_metrics(objective)
   rng = jax.random.key(0)
@@ -93,6 +100,17 @@ def train_bench(config, params, batch, repeats):
     return holder["state"].step
   first, dt = timed(run, repeats)
   return {"batch": batch, "step_s": dt, "samples_per_s": batch / dt, "first_call_s": first}
+
+
+def train_flops(config, batch):
+  """XLA's FLOP count of the compiled train step (lowered on abstract params: nothing runs)."""
+  step, objective, tx, data = _train_step(config, batch)
+  params = jax.eval_shape(lambda: transformer.init_params(config, jax.random.key(0)))
+  state = jax.eval_shape(lambda p: train_state.TrainState.create(p, tx), params)
+  metrics = jax.eval_shape(lambda: steps_lib.empty_metrics(objective))
+  cost = step.lower(state, data, None, jax.random.key(0), metrics).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"batch": batch, "gflop": float(cost["flops"]) / 1e9}
 
 
 def t2i_fn(config, model, image_tokenizer):
@@ -196,8 +214,14 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--breakdown", default="", help="comma list of T2I batches to break down")
   ap.add_argument("--out", default="", help="write ours_<size>_<platform>.json into this folder")
+  ap.add_argument("--train_flops", default="", help="comma list of batches: print the train "
+                  "step's XLA FLOP count and exit (compiles only)")
   args = ap.parse_args(argv)
   config = official_shapes(args.size, args.dtype)
+  if args.train_flops:
+    for b in args.train_flops.split(","):
+      print(json.dumps(train_flops(config, int(b))), flush=True)
+    return None
   params = transformer.init_params(config, jax.random.key(0))
   tok_params = image_tokenizers.get(config).init_params(jax.random.key(1))
   out = {"size": args.size, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
