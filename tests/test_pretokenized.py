@@ -28,6 +28,7 @@ from magvlt_jax.data import transforms
 from magvlt_jax.models import transformer
 from magvlt_jax.models import vqgan
 from magvlt_jax.tools import prepare_data
+from magvlt_jax.train import trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 NUM, K = 12, 3
@@ -174,6 +175,18 @@ def test_tokenize_without_a_tokenizer_names_the_checkpoint_key(env, tmp_path):
     prepare_data.prepare(config, workdir=str(tmp_path), tokenize_crops=K)
 
 
+def test_table_takes_precedence_over_the_code_cache(env):
+  config, workdir, _, params, _ = env
+  both = config.copy_and_resolve_references()
+  both.train.cache_image_codes = "on"  # would raise on these non-square images if it were used
+  image_codes, table = trainer._image_codes(both, params, workdir)  # pylint: disable=protected-access
+  assert image_codes is None and table.crops == K
+  both.train.pretokenized = ""
+  with pytest.raises(ValueError, match="is 40x30, not config.data.image_size 16 square"):
+    trainer._image_codes(both, params, workdir)  # pylint: disable=protected-access
+  assert code_cache.mode_of(both) == "on"
+
+
 @pytest.mark.parametrize("task", [seq.Task.T2I, seq.Task.I2T])
 def test_loss_from_the_table_equals_encoding_the_crop_in_the_step(env, task):
   config, _, tok, params, txt = env
@@ -225,3 +238,16 @@ def test_on_square_data_the_table_gives_the_code_cache_batches(env, tmp_path):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
 
+
+def test_trainer_reads_the_table_and_never_runs_the_encoder(env, tmp_path, monkeypatch):
+  config, workdir, _, _, _ = env
+  c = config.copy_and_resolve_references()
+  c.vqgan.checkpoint = os.path.join(workdir, "tokenizer")  # the table's tokenizer
+  c.train.num_steps, c.train.log_every, c.train.checkpoint_every = 2, 1, 100
+  c.train.final_samples, c.train.use_mixsel = False, False  # MixSel would encode its halves
+
+  def no_encoder(*args):
+    raise AssertionError("the train step ran the image encoder")
+  monkeypatch.setattr(type(image_tokenizers.get(c)), "encode", no_encoder)
+  last = trainer.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(last["loss"])
