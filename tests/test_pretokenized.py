@@ -120,7 +120,8 @@ def test_batches_carry_the_codes_of_the_crop_they_show(env):
   for k in range(3):
     batch = next(it)
     np.testing.assert_array_equal(batch["image_codes"], encode(params, batch["image"]))
-    _, indices = pipeline.train_records(k, 4, 0, 1, NUM, it._reader.permutation)  # pylint: disable=protected-access
+    reader = it._reader  # pylint: disable=protected-access
+    _, indices = pipeline.train_records(k, 4, 0, 1, NUM, reader.permutation)
     for i, codes in zip(indices, batch["image_codes"]):
       match = [c for c in range(K) if np.array_equal(table.codes[i, c], codes)]
       assert match, (i, codes)  # one of the record's K crops
@@ -179,11 +180,12 @@ def test_table_takes_precedence_over_the_code_cache(env):
   config, workdir, _, params, _ = env
   both = config.copy_and_resolve_references()
   both.train.cache_image_codes = "on"  # would raise on these non-square images if it were used
-  image_codes, table = trainer._image_codes(both, params, workdir)  # pylint: disable=protected-access
+  codes_for = trainer._image_codes  # pylint: disable=protected-access
+  image_codes, table = codes_for(both, params, workdir)
   assert image_codes is None and table.crops == K
   both.train.pretokenized = ""
   with pytest.raises(ValueError, match="is 40x30, not config.data.image_size 16 square"):
-    trainer._image_codes(both, params, workdir)  # pylint: disable=protected-access
+    codes_for(both, params, workdir)
   assert code_cache.mode_of(both) == "on"
 
 

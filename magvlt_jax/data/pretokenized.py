@@ -9,8 +9,9 @@ encoder call whose batch is sharded over the mesh's data axes. The trainer then 
 c = rng.integers(K) per example from a child of the example's own (seed, epoch, record) stream, so a
 resumed run sees the same crops and the caption / BPE-dropout draws are untouched (on square data,
 where the crop is the identity and draws nothing, the batches are exactly data/code_cache.py's),
-and the step reads `table[i, c]` instead of running the encoder (`Objective.read_cached_codes`). The batch's pixels are that same crop c,
-rebuilt from the same rng, so whatever still looks at pixels sees the image its codes came from.
+and the step reads `table[i, c]` instead of running the encoder (`Objective.read_cached_codes`).
+The batch's pixels are that same crop c, rebuilt from the same rng, so whatever still looks at
+pixels (MixSel's halves, below) sees the image its codes came from.
 
 The price is augmentation: K fixed crops per image instead of a fresh one every epoch. That is why
 it is an option, off by default in every variant.
@@ -89,7 +90,8 @@ def expected_meta(config, image_tokenizer, tokenizer_params, builder, records: i
   return {
       "format": FORMAT, "crops": int(crops),
       "tokenizer": {"kind": image_tokenizer.kind, "image_size": int(image_tokenizer.image_size),
-                    "grid": list(image_tokenizer.grid), "vocab_size": int(image_tokenizer.vocab_size),
+                    "grid": list(image_tokenizer.grid),
+                    "vocab_size": int(image_tokenizer.vocab_size),
                     "params_sha256": params_sha256(tokenizer_params)},
       "dataset": {"name": config.data.name, "builder_config": builder.builder_config.name,
                   "version": str(builder.version), "split": config.data.train_split,
@@ -180,13 +182,13 @@ def for_training(config, image_tokenizer, tokenizer_params, *, workdir=None, dat
                                    all_hosts=True)
   builder = builders.get_builder(config, data_dir)
   path = table_path(config, os.fspath(builder.data_dir))
+  t0 = time.time()
   want = expected_meta(config, image_tokenizer, tokenizer_params, builder, len(source),
                        crops_of(config))
-  t0 = time.time()
   table = open_table(path, want)
-  logging.info("image codes: read from the pre-tokenized table %s (%d records x %d crops, checked "
-               "in %.1f s); the train step skips the encoder", path, len(table), table.crops,
-               time.time() - t0)
+  logging.info("image codes: read from the pre-tokenized table %s (%d records x %d crops, "
+               "tokenizer hashed and table checked in %.1f s); the train step skips the encoder",
+               path, len(table), table.crops, time.time() - t0)
   return table
 
 
