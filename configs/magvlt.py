@@ -163,6 +163,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # Encode the training images once instead of in every step where that is exact (images already
   # image_size square: the built-in synthetic data; data/code_cache.py). Tiny: the encoder is 13% of the step's FLOPs.
   c.train.cache_image_codes = "auto" if tiny else "off"
+  # Pre-tokenized data (data/pretokenized.py): "" off; "auto" the table `tools/prepare_data
+  # --tokenize` writes beside the prepared dataset; or a .npy path. K fixed augmented crops per
+  # image replace the per-epoch crop (less augmentation), and the step skips the encoder. Takes
+  # precedence over cache_image_codes. Off in every variant.
+  c.train.pretokenized = ""
+  c.train.pretokenized_crops = 8  # K crops per image: what prepare --tokenize writes and training expects
   c.train.log_every = 50 if tiny else 100
   c.train.sample_every = 500 if tiny else 5000
   c.train.checkpoint_every = 250 if tiny else 2000

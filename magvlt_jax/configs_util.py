@@ -202,6 +202,7 @@ def _validate_train(config):
   if "cache_image_codes" in config.train:
     from magvlt_jax.data import code_cache  # pylint: disable=import-outside-toplevel
     _one_of(config, "train.cache_image_codes", code_cache.MODES)
+  _validate_pretokenized(config)
   o = config.optimizer
   _positive(config, "optimizer.peak_lr")
   _positive(config, "optimizer.warmup_steps", allow_zero=True)
@@ -210,6 +211,22 @@ def _validate_train(config):
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       _fail(f"optimizer.{key}", o[key], "must be in [0, 1)", "use e.g. 0.9 / 0.96")
+
+
+def _validate_pretokenized(config):
+  """train.pretokenized: '' | 'auto' | a .npy path; train.pretokenized_crops: K >= 1. Whether the
+  table exists and matches is checked when the trainer opens it (data/pretokenized.py)."""
+  value = config.train.get("pretokenized", "")
+  if not isinstance(value, str):
+    _fail("train.pretokenized", value, "must be a string",
+          "use '' (off), 'auto' (the table prepare_data --tokenize writes) or a .npy path")
+  if value not in ("", "auto") and not value.endswith(".npy"):
+    _fail("train.pretokenized", value, "is neither '', 'auto' nor a .npy path",
+          "use '' (off), 'auto' or the .npy file prepare_data --tokenize printed")
+  crops = config.train.get("pretokenized_crops", 8)
+  if not isinstance(crops, int) or crops < 1:
+    _fail("train.pretokenized_crops", crops, "must be a positive int",
+          "use the --crops the table was built with (default 8)")
 
 
 def _validate_data(config):

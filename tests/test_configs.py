@@ -52,6 +52,8 @@ BAD_VALUES = [
     ("train.task_weights", (0.0, 0.0, 0.0), "train.task_weights"),
     ("train.image_mask_schedule", "cubic", "train.image_mask_schedule"),
     ("train.cache_image_codes", "sometimes", "train.cache_image_codes"),
+    ("train.pretokenized", "yes", "train.pretokenized"),
+    ("train.pretokenized_crops", 0, "train.pretokenized_crops"),
     ("train.text_mask_schedule", "sqrt", "train.text_mask_schedule"),
     ("train.label_smoothing", 1.0, "train.label_smoothing"),
     ("decoding.order", "spiral", "decoding.order"),

@@ -15,8 +15,9 @@ iterator yields exactly the batches an uninterrupted one would.
 Batch (numpy, host-local): image uint8 [B,S,S,3]; image_lr uint8 [B,S,S/2,3]; image_tb uint8
 [B,S/2,S,3]; text int32 [B,n_txt] (EOS padded); text_length int32 [B] (counts the EOS); eval
 batches add captions (list of lists of str), image_id int64 [B] and valid bool [B] (padding rows
-of the last batch are False); training batches built with image_codes (data/code_cache.py) add
-image_codes int32 [B,n_img]. Global arrays: parallel.global_batch(batch, mesh).
+of the last batch are False); training batches built with image_codes (data/code_cache.py) or a
+pre-tokenized table (data/pretokenized.py: crop c of K drawn per example, pixels rebuilt from the
+same crop) add image_codes int32 [B,n_img]. Global arrays: parallel.global_batch(batch, mesh).
 """
 import functools
 import logging
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 
 from magvlt_jax.data import builders
+from magvlt_jax.data import pretokenized
 from magvlt_jax.data import synthetic as synthetic_lib
 from magvlt_jax.data import transforms
 from magvlt_jax.data import validate
@@ -78,9 +80,11 @@ def open_source(config, split: str, *, workdir=None, data_dir=None, all_hosts=Fa
 class Reader:
   """Turns record indices into examples; shared by the train and eval datasets."""
 
-  def __init__(self, config, source, tokenizer, *, train: bool, seed: int, image_codes=None):
+  def __init__(self, config, source, tokenizer, *, train: bool, seed: int, image_codes=None,
+               crop_table=None):
     self.source, self.tokenizer, self.train, self.seed = source, tokenizer, train, seed
     self.image_codes = image_codes  # data/code_cache.py: row i = the codes of example i's image
+    self.crop_table = crop_table  # data/pretokenized.Table: the codes of K crops per record
     self.size = int(config.data.image_size)
     self.text_length = int(config.sequence.text_length)
     self.dropout = float(config.text.bpe_dropout) if train else 0.0
@@ -133,14 +137,23 @@ class Reader:
     record, img, used = self._load(index, record)
     captions = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
                 for c in record["captions"]]
-    if self.train:
+    codes = None
+    if self.train and self.crop_table is not None:
+      # A child stream: the caption and BPE-dropout draws below are untouched by the choice.
+      crop = int(rng.spawn(1)[0].integers(self.crop_table.crops))
+      codes = self.crop_table.row(index, crop)
+      img = transforms.dalle_crop(img, self.size,
+                                  pretokenized.crop_rng(self.crop_table.seed, index, crop))
+    elif self.train:
       img = transforms.dalle_crop(img, self.size, rng)
     else:
       img = transforms.center_crop(img, self.size)
     out = {"image": np.asarray(img), "image_lr": transforms.squeeze(img, "lr"),
            "image_tb": transforms.squeeze(img, "tb")}
     if self.image_codes is not None:
-      out["image_codes"] = self.image_codes[index]
+      codes = self.image_codes[index]
+    if codes is not None:
+      out["image_codes"] = codes
     if self.tokenizer is not None:
       if not captions:
         self.counter.add("read_empty_caption", f"record {used}")
@@ -226,10 +239,11 @@ def train_records(k: int, global_batch: int, process_index: int, process_count: 
 
 def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None,
                           process_index=None, process_count=None, seed=None,
-                          image_codes=None) -> DataIterator:
+                          image_codes=None, pretokenized_table=None) -> DataIterator:
   """Infinite shuffled, augmented training batches of this host (see the module docstring).
   tokenizer=None: images only (the VQGAN trainer). image_codes: int32 [records, n_img] from
-  data/code_cache.py; the batches then carry them as `image_codes`."""
+  data/code_cache.py, or pretokenized_table: a data/pretokenized.Table; the batches then carry
+  `image_codes` (at most one of the two)."""
   pi, pc = _hosts(process_index, process_count)
   global_batch = int(config.data.global_batch_size)
   batch = _local_batch(global_batch, pc, "config.data.global_batch_size")
@@ -237,9 +251,13 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
                                data_dir=data_dir,
                                all_hosts=process_index is None and process_count is None)
   seed = int(config.data.shuffle_seed if seed is None else seed)
-  if image_codes is not None and len(image_codes) != len(source):
-    raise ValueError(f"image_codes has {len(image_codes)} rows for {len(source)} training records")
-  reader = Reader(config, source, tokenizer, train=True, seed=seed, image_codes=image_codes)
+  if image_codes is not None and pretokenized_table is not None:
+    raise ValueError("create_train_iterator: pass image_codes or pretokenized_table, not both")
+  for name, codes in (("image_codes", image_codes), ("pretokenized_table", pretokenized_table)):
+    if codes is not None and len(codes) != len(source):
+      raise ValueError(f"{name} has {len(codes)} rows for {len(source)} training records")
+  reader = Reader(config, source, tokenizer, train=True, seed=seed, image_codes=image_codes,
+                  crop_table=pretokenized_table)
 
   def load(k: int) -> dict:
     epochs, indices = train_records(k, global_batch, pi, pc, reader.n, reader.permutation)
@@ -249,7 +267,8 @@ def create_train_iterator(config, tokenizer=None, *, workdir=None, data_dir=None
   ds = grain.MapDataset.range(_STREAM_LENGTH // batch).map(load)
   # No host in the state: it is the same on every host and valid for any number of them.
   fp = {"records": reader.n, "seed": seed, "global_batch": global_batch,
-        "split": config.data.train_split}
+        "split": config.data.train_split,
+        **(pretokenized_table.fingerprint if pretokenized_table is not None else {})}
   logging.info("data: %s/%s %d records, global batch %d, local batch %d (host %d of %d)",
                config.data.name, config.data.train_split, reader.n, global_batch, batch, pi, pc)
   return DataIterator(ds, reader, threads=_threads(config), fingerprint=fp,

@@ -24,6 +24,7 @@ from magvlt_jax import objectives
 from magvlt_jax import parallel
 from magvlt_jax import text as text_lib
 from magvlt_jax.data import code_cache
+from magvlt_jax.data import pretokenized
 from magvlt_jax.models import transformer
 from magvlt_jax.train import metric_writer
 from magvlt_jax.train import optimizer as optimizer_lib
@@ -149,6 +150,21 @@ def _check_nonfinite(state, limit: int, step: int, seen_total: int) -> int:
   return total
 
 
+def _image_codes(config, tokenizer_params, workdir):
+  """(code-cache table or None, pre-tokenized Table or None): at most one is set. A pre-tokenized
+  table (config.train.pretokenized) takes precedence over config.train.cache_image_codes: it is
+  the explicit choice, and on square data (where the cache applies) its K crops are the identity,
+  so its codes are the cache's."""
+  image_tokenizer = image_tokenizers.get(config)
+  table = pretokenized.for_training(config, image_tokenizer, tokenizer_params, workdir=workdir)
+  if table is not None:
+    if code_cache.mode_of(config) != "off":
+      logging.info("image codes: config.train.pretokenized is set, so "
+                   "config.train.cache_image_codes=%r is not used", code_cache.mode_of(config))
+    return None, table
+  return code_cache.build(config, image_tokenizer.encode, tokenizer_params, workdir=workdir), None
+
+
 def train_and_evaluate(config, workdir: str):
   """Trains the tokenizer if needed, then the transformer; returns the final metrics dict."""
   configs_util.validate_config(config)
@@ -157,10 +173,9 @@ def train_and_evaluate(config, workdir: str):
   tokenizer_params = image_tokenizers.params_for_run(config, workdir)
   from magvlt_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   text_tokenizer = text_lib.get_or_train_tokenizer(config, workdir)
-  image_codes = code_cache.build(config, image_tokenizers.get(config).encode, tokenizer_params,
-                                 workdir=workdir)
+  image_codes, table = _image_codes(config, tokenizer_params, workdir)
   setup = Setup(config, workdir, text_tokenizer, tokenizer_params,
-                cached_codes=image_codes is not None)
+                cached_codes=image_codes is not None or table is not None)
   store = checkpoints.CheckpointStore(os.path.join(workdir, "checkpoints"),
                                       keep=int(config.train.keep_checkpoints),
                                       save_every=int(config.train.checkpoint_every))
@@ -168,7 +183,7 @@ def train_and_evaluate(config, workdir: str):
   if state is None:
     state = setup.init_state(int(config.seed))
   iterator = pipeline.create_train_iterator(config, text_tokenizer, workdir=workdir,
-                                            image_codes=image_codes)
+                                            image_codes=image_codes, pretokenized_table=table)
   if data_state is not None:
     iterator.set_state(data_state)
   writer = metric_writer.create(workdir)
