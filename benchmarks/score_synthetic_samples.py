@@ -24,6 +24,8 @@ literals) apply on top (decoding.* is what makes sense to change). Prints one JS
 `forced_i2t_*` separates learning from decoding: each eval image with its reference caption, only
 the colour word (or the shape word, or the first place word) masked, scored right when the model
 ranks the true word first among that attribute's words. Captions can only be as right as this.
+For the causal systems (ARGVLT, BiART) the word is ranked by its next-token logits after the true
+prefix (nothing to mask).
 """
 import argparse
 import json
@@ -62,6 +64,9 @@ def teacher_forced_i2t(setup, params, batch, tokenizer) -> dict:
 
   @jax.jit
   def text_logits(params, inputs, attn):
+    if setup.model.causal:  # AR systems: next-token logits of the true prefix (the objective's)
+      return setup.objective.logits(params, seq.Task.I2T, codes, jnp.asarray(text),
+                                    jnp.asarray(length))[1]
     logits_fn = sampler.model_logits_fn(setup.model, params)
     return logits_fn(inputs, attn, layout=layout, outputs=("text",))["text"]
 
