@@ -40,8 +40,8 @@ def get_config(variant: str = "tiny"):
   c.decoding.ar = ml_collections.ConfigDict()
   # Tiny: sharper image sampling. Raster sampling from the full softmax drifts off the prompt; at
   # 0.5 / top-16 the tiny ARGVLT's T2I images are right in colour, shape and place for 0.77 of 128
-  # prompts instead of 0.14 (BiART 0.52 vs 0.27; benchmarks/RESULTS.md, "ARGVLT and BiART on
-  # the synthetic data"). base / large: the full softmax (the paper states no setting).
+  # prompts instead of 0.14 (BiART 0.52 vs 0.27; benchmarks/RESULTS.md, "ARGVLT and BiART against
+  # MAGVLT"). base / large: the full softmax (the paper states no setting).
   c.decoding.ar.image_temperature = 0.5 if variant == "tiny" else 1.0
   c.decoding.ar.image_top_k = 16 if variant == "tiny" else 0  # 0: the full codebook
   c.decoding.ar.text_temperature = 0.5
