@@ -33,7 +33,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   c.quantizer = ml_collections.ConfigDict()
   c.quantizer.beta = 0.25  # commitment weight
+  c.quantizer.use_ema = True  # the paper's EMA codebook; False: a codebook loss trains it (VQ-GAN's)
   c.quantizer.ema_decay = 0.99
+  c.quantizer.l2_normalize = False  # cosine lookup (configs/vqgan.py's option): unit latents and codes
   # Restart codes unused for a while with this batch's latents (models/vqgan.restart_dead_codes).
   # On for tiny: without it the shared EMA codebook of a short CPU run collapses to ~5 codes
   # (benchmarks/RESULTS.md, "AugVAE vs VQ-GAN at tiny size").
@@ -51,6 +53,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 2e-4 if paper else 2e-3
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.99
+  c.optimizer.warmup_steps = 0  # per stage: ML and SL each start the schedule anew
+  c.optimizer.schedule = "constant"  # constant | cosine (to 10%), as configs/vqgan.py
 
   c.train = ml_collections.ConfigDict()
   c.train.ml_steps = 300000 if paper else 600  # AugVAE-ML training

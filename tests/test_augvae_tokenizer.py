@@ -1,6 +1,7 @@
 """The "augvae" image tokenizer: a tiny MAGVLT config runs a trainer step on AugVAE-SL tokens,
 configs whose transformer grid / vocabulary differ from the tokenizer's fail naming both keys, and
-a short ML -> SL tokenizer run reconstructs the synthetic scenes better than a blank image."""
+a short ML -> SL tokenizer run reconstructs the synthetic scenes better than a blank image; the
+codebook moves by EMA or by its loss as configured."""
 import os
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from magvlt_jax import configs_util
 from magvlt_jax import image_tokenizers
+from magvlt_jax.models import augvae, vqgan
 from magvlt_jax.train import augvae_trainer
 from magvlt_jax.train import trainer
 
@@ -85,3 +87,28 @@ def test_short_ml_then_sl_run_beats_blank(tmp_path):
   params = tok.load_params(workdir)
   codes = tok.encode(params, np.zeros((2, 64, 64, 3), np.uint8))
   assert codes.shape == (2, 64) and int(codes.max()) < tok.vocab_size
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_codebook_update_rule(use_ema):
+  """quantizer.use_ema: the paper's EMA step sets the codebook to embed_sum / cluster_size (the
+  optimizer leaves it alone); without it the codebook loss moves it by gradient and no EMA
+  statistics change. Both through vqgan_trainer.quantizer_update, as in the VQ-GAN trainer."""
+  cfg = configs_util.load_config("configs/augvae.py:tiny")
+  cfg.image_size, cfg.latent_channels, cfg.hidden_channels, cfg.codebook_size = 32, 8, 8, 16
+  cfg.quantizer.use_ema, cfg.quantizer.dead_code_restart = use_ema, False
+  params = augvae.init_params(cfg, jax.random.PRNGKey(0), stage="ml")
+  tx = augvae_trainer.make_optimizer(cfg, "ml")
+  stats = vqgan.init_vq_stats(params["quantize"]["embedding"])
+  images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+  new, _, new_stats, metrics = augvae_trainer.train_step(params, tx.init(params), stats, images, None,
+                                                         cfg=cfg, stage="ml", tx=tx)
+  cb_old, cb = np.asarray(params["quantize"]["embedding"]), np.asarray(new["quantize"]["embedding"])
+  assert not np.allclose(cb, cb_old)
+  if use_ema:
+    smoothed = np.asarray(new_stats["cluster_size"])
+    smoothed = (smoothed + 1e-5) / (smoothed.sum() + len(smoothed) * 1e-5) * smoothed.sum()
+    np.testing.assert_allclose(cb, np.asarray(new_stats["embed_sum"]) / smoothed[:, None], rtol=1e-5)
+  else:
+    np.testing.assert_array_equal(np.asarray(new_stats["embed_sum"]), np.asarray(stats["embed_sum"]))
+    assert float(metrics["codebook_loss"]) > 0

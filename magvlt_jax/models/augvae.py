@@ -114,18 +114,25 @@ class AugVAE(nn.Module):
     if self._stage() == "sl":
       self.expand = [L.conv(2 * c, 1, f"expand_{i}", **kw) for i in range(n)]
 
+  def _l2(self):
+    return bool(self.config.get("quantizer", {}).get("l2_normalize", False))
+
   def codebook(self):
-    return self.quantize()
+    """The shared codebook as used for lookup: unit rows with quantizer.l2_normalize (cosine lookup,
+    vqgan.VQGAN.codebook's option), else the raw EMA codebook."""
+    return vqgan.unit(self.quantize()) if self._l2() else self.quantize()
 
   def quantized_levels(self):
     return (0, 1, 2, 3) if self._stage() == "ml" else (1,)
 
   def latents(self, images):
-    """images [-1,1] [B,H,W,3] -> continuous latents per encoder level, float32."""
+    """images [-1,1] [B,H,W,3] -> continuous latents per encoder level, float32; unit vectors with
+    quantizer.l2_normalize (every level, quantized or not, so enc_{i+1} reads the same input in ML
+    and SL)."""
     zs, x = [], images
     for enc in self.encoders:
-      x = enc(x)
-      zs.append(x.astype(jnp.float32))
+      x = vqgan.unit(enc(x)) if self._l2() else enc(x).astype(jnp.float32)
+      zs.append(x)
     return zs
 
   def decode_levels(self, zq: Dict[int, jax.Array]):
@@ -156,16 +163,18 @@ class AugVAE(nn.Module):
 
   def __call__(self, images):
     """Training forward: recon [B,H,W,3] f32; z, codes: {level: latents [B,h,w,C] f32 / codes
-    [B,h*w]}; commitment_loss: mean over quantized levels (the codebook itself moves by EMA)."""
+    [B,h*w]}; commitment_loss, codebook_loss: means over quantized levels (the trainer adds the
+    codebook loss only without the EMA update, quantizer.use_ema=False)."""
     zs = self.latents(images)
     cb = self.codebook()
-    zq, codes, commit = {}, {}, []
+    zq, codes, losses = {}, {}, []
     for i in self.quantized_levels():
-      zq[i], c, _, commitment = vqgan.quantize(zs[i], cb)
+      zq[i], c, codebook_loss, commitment = vqgan.quantize(zs[i], cb)
       codes[i] = c.reshape(c.shape[0], -1)
-      commit.append(commitment)
+      losses.append((codebook_loss, commitment))
+    codebook_loss, commitment = jnp.mean(jnp.array(losses), axis=0)
     return dict(recon=self.decode_levels(zq), z={i: zs[i] for i in zq}, codes=codes,
-                commitment_loss=jnp.mean(jnp.stack(commit)))
+                codebook_loss=codebook_loss, commitment_loss=commitment)
 
 
 # ----------------------------------------------------------------------------- shared EMA step
@@ -232,3 +241,21 @@ def decode_sl(params, codes, cfg):
     raise ValueError(f"augvae.decode: codes must be [B,{g * g}] (AugVAE-SL grid {g}x{g}), got {codes.shape}")
   out = AugVAE(cfg, "sl").apply({"params": params}, {1: codes}, method=AugVAE.decode)
   return jnp.clip(out, min=-1.0, max=1.0)
+
+
+def encode_ml(params, images, cfg):
+  """AugVAE-ML (a training stage, not a registered tokenizer): images float [-1,1] [B,S,S,3] ->
+  int32 codes of all four levels in one row [B, sum of side**2] (level 0 first; 340 at 64 px)."""
+  codes = AugVAE(cfg, "ml").apply({"params": params}, images, method=AugVAE.encode)
+  return jnp.concatenate([codes[i] for i in range(4)], axis=1)
+
+
+def decode_ml(params, codes, cfg):
+  """encode_ml's codes [B, sum of side**2] -> float32 images [B,S,S,3] in [-1,1] (every level)."""
+  sides = level_sides(cfg)
+  if codes.ndim != 2 or codes.shape[1] != sum(s * s for s in sides):
+    raise ValueError(f"augvae.decode_ml: codes must be [B,{sum(s * s for s in sides)}] (levels "
+                     f"{sides}), got {codes.shape}")
+  split = np.cumsum([s * s for s in sides])[:-1]
+  levels = dict(enumerate(jnp.split(codes, split, axis=1)))
+  return jnp.clip(AugVAE(cfg, "ml").apply({"params": params}, levels, method=AugVAE.decode), min=-1.0, max=1.0)
