@@ -61,4 +61,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.train.sl_steps = 100000 if paper else 600  # AugVAE-SL fine-tuning from the ML params
   c.train.batch_size = 64 if paper else 8
   c.train.log_every = 100 if paper else 50
+  c.train.checkpoint_every = 5000 if paper else 400  # orbax, per stage (train/augvae_trainer.py)
+  c.train.keep_checkpoints = 3
   return c

@@ -112,3 +112,29 @@ def test_codebook_update_rule(use_ema):
   else:
     np.testing.assert_array_equal(np.asarray(new_stats["embed_sum"]), np.asarray(stats["embed_sum"]))
     assert float(metrics["codebook_loss"]) > 0
+
+
+@pytest.mark.slow  # four short runs (ML and SL compilations each): ~2 min on a loaded 2-core box
+def test_rerun_resumes_ml_then_sl_bit_identical(tmp_path):
+  """A run stopped inside ML and again inside SL, rerun in the same workdir, ends with the params of
+  one uninterrupted run (the checkpoint carries the step, Adam and EMA state and the iterator)."""
+  def run(workdir, ml_steps, sl_steps):
+    c = augvae_config()
+    a = c.augvae
+    a.train.ml_steps, a.train.sl_steps, a.train.batch_size = ml_steps, sl_steps, 4
+    a.train.checkpoint_every, a.train.log_every = 2, 100
+    a.optimizer.schedule, a.optimizer.warmup_steps = "constant", 0  # a cosine's length would differ per leg
+    augvae_trainer.train_tokenizer(c, workdir)
+    tok = os.path.join(workdir, "tokenizer")
+    return {f: dict(np.load(os.path.join(tok, f))) for f in ("ml_params.npz", "params.npz")}
+
+  full = run(str(tmp_path / "full"), 4, 4)
+  cut = str(tmp_path / "cut")
+  run(cut, 2, 0)  # ML stops after its step-2 checkpoint
+  run(cut, 4, 2)  # resumes ML at 2, stops SL after its first checkpoint (step 4 + 2)
+  assert sorted(os.listdir(os.path.join(cut, "tokenizer", "checkpoints", "sl"))) == ["6"]
+  resumed = run(cut, 4, 4)  # resumes SL at 6 (ML params from ml_params.npz)
+  for name, want in full.items():
+    assert sorted(resumed[name]) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(resumed[name][k], want[k], err_msg=f"{name}:{k}")
