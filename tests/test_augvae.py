@@ -47,9 +47,10 @@ def test_all_levels_share_one_codebook():
   p2 = dict(params, quantize=dict(embedding=new_cb))
   zs = model.apply({"params": p2}, x, method=augvae.AugVAE.latents)
   codes = model.apply({"params": p2}, x, method=augvae.AugVAE.encode)
+  lookup = model.apply({"params": p2}, method=augvae.AugVAE.codebook)  # unit rows under l2_normalize
   assert sorted(codes) == [0, 1, 2, 3]
   for i, z in enumerate(zs):
-    want = vqgan.nearest_codes(z.reshape(2, -1, z.shape[-1]), new_cb)
+    want = vqgan.nearest_codes(z.reshape(2, -1, z.shape[-1]), lookup)
     np.testing.assert_array_equal(np.asarray(codes[i]), np.asarray(want))
 
 

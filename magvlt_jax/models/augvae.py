@@ -21,6 +21,15 @@ Our choices where the paper is silent (its appendix A is not in our copy):
 - `ml_to_sl` initialises expand_* as [I, I] (each channel copied twice), a deterministic start
   that keeps every ML param; losses (reconstruction + perceptual + beta * commitment, EMA codebook)
   live in train/augvae_trainer.py.
+- quantizer.l2_normalize (off in the paper variants): cosine lookup as in vqgan.VQGAN, every level's
+  latent a unit vector (level 0 too in SL, so enc_1 reads what it read in ML).
+
+Measured at tiny size (64 px, configs/augvae.py:tiny; benchmarks/RESULTS.md, "AugVAE vs VQ-GAN at
+tiny size, equal training FLOPs"): ML reconstructs from level 0 (16x16 codes) and leaves levels 1-3
+on a handful of codes within 50 steps, so SL, which keeps level 1 alone, starts from a collapsed
+level and needs dead-code restart to use more than ~8 codes; at the tiny VQ-GAN's training FLOPs SL
+reconstructs best with little or no ML (28.9 dB without ML, 28.1 with 10% of the budget on ML,
+23.7 with half), a little below the tiny VQ-GAN (29.7 dB).
 """
 import functools
 import json
