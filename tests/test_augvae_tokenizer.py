@@ -73,11 +73,12 @@ def test_short_ml_then_sl_run_beats_blank(tmp_path):
   a = c.augvae
   a.train.ml_steps, a.train.sl_steps, a.train.batch_size, a.train.log_every = 8, 72, 8, 20
   a.optimizer.warmup_steps = 10  # the default 100 is longer than this run
+  c.data.synthetic.num_eval = 64  # 4096 eval codes; over 16 images' 1024 usage read 0.59 (0.41 at 12 + 108 steps)
   workdir = str(tmp_path)
   result = augvae_trainer.train_tokenizer(c, workdir)
-  assert result["psnr"] > result["psnr_blank_gray"] + 3.0, result
+  assert result["psnr"] > result["psnr_blank_gray"] + 3.0, result  # 19.0 vs 9.5 dB
   # Dead-code restart (on for tiny) revives the level-1 codes that ML leaves unused: most of the
-  # 256 codes appear in the 16 eval images' 1024 codes; without it SL stays on a few codes.
+  # 256 codes appear in the eval codes (0.84); without it the full-budget SL stayed on 8 (RESULTS.md).
   assert result["codebook_usage"] > 0.5, result
   assert result["ml_last"]["usage_l0"] > 0.0 and result["ml_eval"]["psnr"] > result["psnr_blank_gray"]
   for name in ("params.npz", "ml_params.npz", "eval.json"):
