@@ -73,7 +73,8 @@ def test_short_ml_then_sl_run_beats_blank(tmp_path):
   a = c.augvae
   a.train.ml_steps, a.train.sl_steps, a.train.batch_size, a.train.log_every = 8, 72, 8, 20
   a.optimizer.warmup_steps = 10  # the default 100 is longer than this run
-  c.data.synthetic.num_eval = 64  # 4096 eval codes; over 16 images' 1024 usage read 0.59 (0.41 at 12 + 108 steps)
+  # 4096 eval codes; over 16 images' 1024, usage read 0.59 (0.41 at 12 + 108 steps)
+  c.data.synthetic.num_eval = 64
   workdir = str(tmp_path)
   result = augvae_trainer.train_tokenizer(c, workdir)
   assert result["psnr"] > result["psnr_blank_gray"] + 3.0, result  # 19.0 vs 9.5 dB

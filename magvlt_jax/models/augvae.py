@@ -267,4 +267,5 @@ def decode_ml(params, codes, cfg):
                      f"{sides}), got {codes.shape}")
   split = np.cumsum([s * s for s in sides])[:-1]
   levels = dict(enumerate(jnp.split(codes, split, axis=1)))
-  return jnp.clip(AugVAE(cfg, "ml").apply({"params": params}, levels, method=AugVAE.decode), min=-1.0, max=1.0)
+  out = AugVAE(cfg, "ml").apply({"params": params}, levels, method=AugVAE.decode)
+  return jnp.clip(out, min=-1.0, max=1.0)

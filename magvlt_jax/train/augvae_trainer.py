@@ -12,9 +12,9 @@ A single-device loop with the VQ-GAN trainer's orbax store (checkpoints.Checkpoi
 stage: state + data-iterator state every train.checkpoint_every steps; a rerun resumes, ML then SL);
 data, metric writer and image metrics are the VQ-GAN trainer's edges (train/vqgan_io.py).
 
-Writes WORKDIR/tokenizer/: checkpoints/{ml,sl}/ (orbax), params.npz (SL, read by the "augvae" image tokenizer), ml_params.npz,
-eval.json (SL eval PSNR / SSIM / usage / perplexity; ml_eval: the same for AugVAE-ML's full
-four-level reconstruction; the last ML metrics per level; train and ML seconds).
+Writes WORKDIR/tokenizer/: checkpoints/{ml,sl}/ (orbax), params.npz (SL, read by the "augvae" image
+tokenizer), ml_params.npz, eval.json (SL eval PSNR / SSIM / usage / perplexity; ml_eval: the same
+for AugVAE-ML's full four-level reconstruction; the last ML metrics per level; train and ML seconds).
 """
 import functools
 import json
@@ -75,7 +75,8 @@ def train_step(params, opt_state, stats, images, lpips_params, *, cfg, stage, tx
   params, stats, restarted = vqgan_trainer.quantizer_update(q, stats, params, z, codes, key)
   metrics = dict(loss=loss, rec_loss=rec, restarted_codes=restarted, perceptual_loss=perc,
                  commitment_loss=out["commitment_loss"], codebook_loss=out["codebook_loss"],
-                 psnr=jnp.mean(vqgan_io.psnr(x, out["recon"])), **vqgan.codebook_metrics(codes, cfg.codebook_size))
+                 psnr=jnp.mean(vqgan_io.psnr(x, out["recon"])),
+                 **vqgan.codebook_metrics(codes, cfg.codebook_size))
   for i, c in out["codes"].items():
     m = vqgan.codebook_metrics(c, cfg.codebook_size)
     metrics.update({f"usage_l{i}": m["usage"], f"perplexity_l{i}": m["perplexity"]})
@@ -135,7 +136,8 @@ def evaluate(config, workdir, params, max_images=None, stage="sl"):
   """Reconstruction PSNR / SSIM over the eval split, codebook usage / perplexity of its codes: the
   SL tokenizer's, or with stage="ml" AugVAE-ML's full reconstruction from all four levels' codes."""
   cfg = config.augvae
-  encode, decode = (augvae.encode_sl, augvae.decode_sl) if stage == "sl" else (augvae.encode_ml, augvae.decode_ml)
+  encode, decode = ((augvae.encode_sl, augvae.decode_sl) if stage == "sl"
+                    else (augvae.encode_ml, augvae.decode_ml))
 
   @jax.jit
   def round_trip(p, images):
@@ -159,8 +161,9 @@ def train_tokenizer(config, workdir):
   iterator = vqgan_io.train_images(config, workdir, data_state)
   writer = vqgan_io.make_writer(workdir)
   t0 = time.time()
-  logging.info("augvae: ML %d steps, then SL %d steps (batch %d), %s", cfg.train.ml_steps, cfg.train.sl_steps,
-               cfg.train.batch_size, "resuming SL" if sl_state else "resuming ML" if ml_state else "from scratch")
+  start = "resuming SL" if sl_state else "resuming ML" if ml_state else "from scratch"
+  logging.info("augvae: ML %d steps, then SL %d steps (batch %d), %s", cfg.train.ml_steps,
+               cfg.train.sl_steps, cfg.train.batch_size, start)
   hist_ml = []
   if sl_state is None:
     if ml_state is None:
@@ -192,4 +195,5 @@ def load_ml_params(cfg, tok_dir):
   """AugVAE-ML params from TOKENIZER_DIR/ml_params.npz, every key and shape checked."""
   from magvlt_jax import image_tokenizers  # pylint: disable=import-outside-toplevel
   return image_tokenizers.load_checked_npz(os.path.join(tok_dir, ML_PARAMS_FILE), "augvae",
-                                           augvae.abstract_params(cfg, "ml"), f"variant {cfg.variant!r}, AugVAE-ML")
+                                           augvae.abstract_params(cfg, "ml"),
+                                           f"variant {cfg.variant!r}, AugVAE-ML")
