@@ -8,6 +8,7 @@ these flat-background scenes means the transformer has to learn noise.
   python benchmarks/bench_tokenizer_synthetic.py --workdir=/tmp/tok_l2 \
       vqgan.loss.reconstruction=l2 vqgan.train.num_steps=1200 vqgan.train.batch_size=8
   python benchmarks/bench_tokenizer_synthetic.py --tokenizer=/tmp/magvlt_tiny/tokenizer
+  python benchmarks/bench_tokenizer_synthetic.py --tokenizer=/tmp/aug/tokenizer --stage=ml image_tokenizer=augvae
 
 Overrides are `key=value` on configs/magvlt.py:tiny (Python literals; strings as they are).
 Prints one JSON line; --grid writes originals above reconstructions as a PNG.
@@ -27,11 +28,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from magvlt_jax import configs_util  # noqa: E402
 from magvlt_jax.data import synthetic  # noqa: E402
 from magvlt_jax import image_tokenizers  # noqa: E402
+from magvlt_jax.models import augvae, vqgan  # noqa: E402
+from magvlt_jax.train import augvae_trainer  # noqa: E402
 
 
-def score(config, vq_params, num_images: int, seed: int):
-  """(scores dict, originals, reconstructions)."""
-  tok = image_tokenizers.get(config)
+class AugVAEML:
+  """AugVAE-ML's full reconstruction (all four levels' codes: 340 per 64 px image) behind the
+  registry's uint8 encode / decode, for --stage=ml (ML is a training stage, not a tokenizer)."""
+
+  def __init__(self, config):
+    self.cfg = config.augvae
+    self.image_size, self.vocab_size = int(self.cfg.image_size), int(self.cfg.codebook_size)
+
+  def encode(self, params, images_uint8):
+    return augvae.encode_ml(params, vqgan.to_model_range(images_uint8), self.cfg)
+
+  def decode(self, params, codes):
+    return vqgan.to_uint8(augvae.decode_ml(params, codes, self.cfg))
+
+  def load_params(self, tok_dir):
+    return image_tokenizers.load_checked_npz(os.path.join(tok_dir, augvae_trainer.ML_PARAMS_FILE), "augvae",
+                                             augvae.abstract_params(self.cfg, "ml"), "AugVAE-ML")
+
+
+def score(config, vq_params, num_images: int, seed: int, tok=None):
+  """(scores dict, originals, reconstructions); `tok` defaults to config's image tokenizer."""
+  tok = tok or image_tokenizers.get(config)
   size = tok.image_size
   data = list(synthetic.examples(num_images, seed=seed, size=size))
   images = jnp.asarray(np.stack([img for _, img, _, _ in data]))
@@ -79,6 +101,8 @@ def main():
   parser.add_argument("--num_images", type=int, default=96)
   parser.add_argument("--seed", type=int, default=99, help="synthetic seed of the scored scenes")
   parser.add_argument("--grid", help="write originals / reconstructions (16 each) to this PNG")
+  parser.add_argument("--stage", default="", choices=("", "ml"),
+                      help="ml: score AugVAE-ML's full reconstruction (ml_params.npz) instead of the tokenizer")
   args = parser.parse_args()
   config = configs_util.load_config("configs/magvlt.py:tiny")
   for item in args.overrides:
@@ -93,9 +117,9 @@ def main():
     tok_dir = os.path.join(args.workdir, "tokenizer")
   else:
     raise SystemExit("give --workdir (train) or --tokenizer (score only)")
-  params = image_tokenizers.get(config).load_params(tok_dir)
-  result, images, recon = score(config, params, args.num_images, args.seed)
-  result.update(train_s=train_s, overrides=args.overrides, tokenizer=tok_dir)
+  tok = AugVAEML(config) if args.stage == "ml" else image_tokenizers.get(config)
+  result, images, recon = score(config, tok.load_params(tok_dir), args.num_images, args.seed, tok)
+  result.update(train_s=train_s, overrides=args.overrides, tokenizer=tok_dir, stage=args.stage or "tokenizer")
   print(json.dumps(result), flush=True)
   if args.grid:
     from PIL import Image  # pylint: disable=import-outside-toplevel

@@ -47,9 +47,10 @@ def test_all_levels_share_one_codebook():
   p2 = dict(params, quantize=dict(embedding=new_cb))
   zs = model.apply({"params": p2}, x, method=augvae.AugVAE.latents)
   codes = model.apply({"params": p2}, x, method=augvae.AugVAE.encode)
+  lookup = model.apply({"params": p2}, method=augvae.AugVAE.codebook)  # unit rows under l2_normalize
   assert sorted(codes) == [0, 1, 2, 3]
   for i, z in enumerate(zs):
-    want = vqgan.nearest_codes(z.reshape(2, -1, z.shape[-1]), new_cb)
+    want = vqgan.nearest_codes(z.reshape(2, -1, z.shape[-1]), lookup)
     np.testing.assert_array_equal(np.asarray(codes[i]), np.asarray(want))
 
 
@@ -84,3 +85,22 @@ def test_ml_to_sl_fills_every_sl_param():
   assert augvae.decode_sl(sl, codes, cfg).shape == (1, 64, 64, 3)
   with pytest.raises(ValueError, match="AugVAE-ML"):
     augvae.ml_to_sl({"enc_0": {}}, cfg)
+
+
+def test_l2_normalize_is_a_cosine_lookup():
+  """quantizer.l2_normalize (configs/vqgan.py's option): every level's latent is a unit vector and a
+  code's length no longer matters, only its direction."""
+  cfg = _tiny()
+  cfg.quantizer.l2_normalize = True
+  params = augvae.init_params(cfg, jax.random.PRNGKey(0), stage="ml")
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-1, maxval=1)
+  model = augvae.AugVAE(cfg, "ml")
+  for z in model.apply({"params": params}, x, method=augvae.AugVAE.latents):
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(z), axis=-1), 1.0, rtol=1e-5)
+  codes = augvae.encode_ml(params, x, cfg)
+  assert codes.shape == (2, 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2)
+  cb = params["quantize"]["embedding"]
+  scale = jnp.linspace(0.2, 5.0, cb.shape[0])[:, None]  # every code a different length
+  scaled = augvae.encode_ml(dict(params, quantize=dict(embedding=cb * scale)), x, cfg)
+  np.testing.assert_array_equal(np.asarray(scaled), np.asarray(codes))
+  assert augvae.decode_ml(params, codes, cfg).shape == (2, 64, 64, 3)

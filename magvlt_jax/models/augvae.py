@@ -21,6 +21,15 @@ Our choices where the paper is silent (its appendix A is not in our copy):
 - `ml_to_sl` initialises expand_* as [I, I] (each channel copied twice), a deterministic start
   that keeps every ML param; losses (reconstruction + perceptual + beta * commitment, EMA codebook)
   live in train/augvae_trainer.py.
+- quantizer.l2_normalize (off in the paper variants): cosine lookup as in vqgan.VQGAN, every level's
+  latent a unit vector (level 0 too in SL, so enc_1 reads what it read in ML).
+
+Measured at tiny size (64 px, configs/augvae.py:tiny; benchmarks/RESULTS.md, "AugVAE vs VQ-GAN at
+tiny size, equal training FLOPs"): ML reconstructs from level 0 (16x16 codes) and leaves levels 1-3
+on a handful of codes within 50 steps, so SL, which keeps level 1 alone, starts from a collapsed
+level and needs dead-code restart to use more than ~8 codes; at the tiny VQ-GAN's training FLOPs SL
+reconstructs best with little or no ML (28.9 dB without ML, 28.1 with 10% of the budget on ML,
+23.7 with half), a little below the tiny VQ-GAN (29.7 dB).
 """
 import functools
 import json
@@ -114,18 +123,25 @@ class AugVAE(nn.Module):
     if self._stage() == "sl":
       self.expand = [L.conv(2 * c, 1, f"expand_{i}", **kw) for i in range(n)]
 
+  def _l2(self):
+    return bool(self.config.get("quantizer", {}).get("l2_normalize", False))
+
   def codebook(self):
-    return self.quantize()
+    """The shared codebook as used for lookup: unit rows with quantizer.l2_normalize (cosine lookup,
+    vqgan.VQGAN.codebook's option), else the raw EMA codebook."""
+    return vqgan.unit(self.quantize()) if self._l2() else self.quantize()
 
   def quantized_levels(self):
     return (0, 1, 2, 3) if self._stage() == "ml" else (1,)
 
   def latents(self, images):
-    """images [-1,1] [B,H,W,3] -> continuous latents per encoder level, float32."""
+    """images [-1,1] [B,H,W,3] -> continuous latents per encoder level, float32; unit vectors with
+    quantizer.l2_normalize (every level, quantized or not, so enc_{i+1} reads the same input in ML
+    and SL)."""
     zs, x = [], images
     for enc in self.encoders:
-      x = enc(x)
-      zs.append(x.astype(jnp.float32))
+      x = vqgan.unit(enc(x)) if self._l2() else enc(x).astype(jnp.float32)
+      zs.append(x)
     return zs
 
   def decode_levels(self, zq: Dict[int, jax.Array]):
@@ -156,16 +172,18 @@ class AugVAE(nn.Module):
 
   def __call__(self, images):
     """Training forward: recon [B,H,W,3] f32; z, codes: {level: latents [B,h,w,C] f32 / codes
-    [B,h*w]}; commitment_loss: mean over quantized levels (the codebook itself moves by EMA)."""
+    [B,h*w]}; commitment_loss, codebook_loss: means over quantized levels (the trainer adds the
+    codebook loss only without the EMA update, quantizer.use_ema=False)."""
     zs = self.latents(images)
     cb = self.codebook()
-    zq, codes, commit = {}, {}, []
+    zq, codes, losses = {}, {}, []
     for i in self.quantized_levels():
-      zq[i], c, _, commitment = vqgan.quantize(zs[i], cb)
+      zq[i], c, codebook_loss, commitment = vqgan.quantize(zs[i], cb)
       codes[i] = c.reshape(c.shape[0], -1)
-      commit.append(commitment)
+      losses.append((codebook_loss, commitment))
+    codebook_loss, commitment = jnp.mean(jnp.array(losses), axis=0)
     return dict(recon=self.decode_levels(zq), z={i: zs[i] for i in zq}, codes=codes,
-                commitment_loss=jnp.mean(jnp.stack(commit)))
+                codebook_loss=codebook_loss, commitment_loss=commitment)
 
 
 # ----------------------------------------------------------------------------- shared EMA step
@@ -231,4 +249,23 @@ def decode_sl(params, codes, cfg):
   if codes.ndim != 2 or codes.shape[1] != g * g:
     raise ValueError(f"augvae.decode: codes must be [B,{g * g}] (AugVAE-SL grid {g}x{g}), got {codes.shape}")
   out = AugVAE(cfg, "sl").apply({"params": params}, {1: codes}, method=AugVAE.decode)
+  return jnp.clip(out, min=-1.0, max=1.0)
+
+
+def encode_ml(params, images, cfg):
+  """AugVAE-ML (a training stage, not a registered tokenizer): images float [-1,1] [B,S,S,3] ->
+  int32 codes of all four levels in one row [B, sum of side**2] (level 0 first; 340 at 64 px)."""
+  codes = AugVAE(cfg, "ml").apply({"params": params}, images, method=AugVAE.encode)
+  return jnp.concatenate([codes[i] for i in range(4)], axis=1)
+
+
+def decode_ml(params, codes, cfg):
+  """encode_ml's codes [B, sum of side**2] -> float32 images [B,S,S,3] in [-1,1] (every level)."""
+  sides = level_sides(cfg)
+  if codes.ndim != 2 or codes.shape[1] != sum(s * s for s in sides):
+    raise ValueError(f"augvae.decode_ml: codes must be [B,{sum(s * s for s in sides)}] (levels "
+                     f"{sides}), got {codes.shape}")
+  split = np.cumsum([s * s for s in sides])[:-1]
+  levels = dict(enumerate(jnp.split(codes, split, axis=1)))
+  out = AugVAE(cfg, "ml").apply({"params": params}, levels, method=AugVAE.decode)
   return jnp.clip(out, min=-1.0, max=1.0)

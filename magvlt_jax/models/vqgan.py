@@ -76,12 +76,12 @@ class VQGAN(nn.Module):
   def codebook(self):
     """The codebook as used for lookup: unit rows with quantizer.l2_normalize (cosine-similarity
     lookup, as in ViT-VQGAN: resists codebook collapse), else the raw taming codebook."""
-    return _unit(self.quantize()) if self._l2() else self.quantize()
+    return unit(self.quantize()) if self._l2() else self.quantize()
 
   def encode_latent(self, images, deterministic=True):
     """images [-1,1] [B,H,W,3] -> pre-quantization latents z [B,h,w,embed_dim] (float32)."""
     z = self.quant_conv(self.encoder(images, deterministic)).astype(jnp.float32)
-    return _unit(z) if self._l2() else z
+    return unit(z) if self._l2() else z
 
   def decode_latent(self, zq, deterministic=True, return_features=False):
     return self.decoder(self.post_quant_conv(zq.astype(jnp.dtype(self.config.dtype))), deterministic, return_features)
@@ -108,7 +108,8 @@ class VQGAN(nn.Module):
 
 # ----------------------------------------------------------------------------- quantizer math (float32)
 
-def _unit(x):
+def unit(x):
+  """Rows of x scaled to unit l2 norm, float32 (the quantizer.l2_normalize lookup)."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 

@@ -42,18 +42,23 @@ class VQTrainState:
   vq_stats: Any  # cluster_size [K], embed_sum [K, D] (EMA codebook), usage [K] (dead-code restart)
 
 
-def make_optimizers(vcfg):
-  o = vcfg.optimizer
+def make_schedule(o, num_steps, key="config.vqgan.optimizer"):
+  """Learning rate of optimizer config `o` over `num_steps`: linear warmup over o.warmup_steps, then
+  constant or cosine decay to 10% (o.schedule). Shared by the tokenizer trainers; `key` names o."""
   schedule = o.get("schedule", "constant")
   if schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1),
-                                            max(vcfg.train.num_steps, o.warmup_steps + 1), o.learning_rate * 0.1)
-  elif schedule == "constant":
-    lr = (optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
-                                optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
-          if o.warmup_steps else o.learning_rate)
-  else:
-    raise ValueError(f"config.vqgan.optimizer.schedule={schedule!r}: expected 'constant' or 'cosine'")
+    return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1),
+                                              max(num_steps, o.warmup_steps + 1), o.learning_rate * 0.1)
+  if schedule == "constant":
+    return (optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+                                  optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+            if o.get("warmup_steps", 0) else o.learning_rate)
+  raise ValueError(f"{key}.schedule={schedule!r}: expected 'constant' or 'cosine'")
+
+
+def make_optimizers(vcfg):
+  o = vcfg.optimizer
+  lr = make_schedule(o, vcfg.train.num_steps)
   make = lambda: optax.adam(lr, b1=o.b1, b2=o.b2)
   return make(), make()
 
@@ -87,18 +92,18 @@ def adaptive_weight(gw_nll, gw_adv, disc_weight, max_weight):
   return jax.lax.stop_gradient(jnp.clip(w, min=0.0, max=max_weight)) * disc_weight
 
 
-def _quantizer_update(vcfg, state, params, out, key):
-  """EMA codebook / usage statistics and dead-code restart after the optimizer step."""
-  q = vcfg.quantizer
+def quantizer_update(q, stats, params, z_flat, codes, key):
+  """After the optimizer step, with quantizer config `q`: usage statistics, the EMA codebook step
+  (q.use_ema) and dead-code restart (q.dead_code_restart) over latents z_flat [N, D] and their
+  codes [N]. Shared by the tokenizer trainers. Returns (params, stats, number restarted)."""
   codebook = params["quantize"]["embedding"]
-  z_flat = out["z"].reshape(-1, out["z"].shape[-1])
-  stats = vqgan.track_usage(state.vq_stats, out["codes"], q.usage_decay)
+  stats = vqgan.track_usage(stats, codes, q.usage_decay)
   if q.use_ema:
-    ema_stats, codebook = vqgan.ema_update(stats, z_flat, out["codes"], q.ema_decay)
+    ema_stats, codebook = vqgan.ema_update(stats, z_flat, codes, q.ema_decay)
     stats = dict(stats, **ema_stats)
   restarted = jnp.zeros((), jnp.int32)
   if q.dead_code_restart:
-    stats, codebook, restarted = vqgan.restart_dead_codes(key, stats, codebook, z_flat, out["codes"],
+    stats, codebook, restarted = vqgan.restart_dead_codes(key, stats, codebook, z_flat, codes,
                                                              q.dead_code_threshold)
   params = dict(params, quantize=dict(params["quantize"], embedding=codebook.astype(
       params["quantize"]["embedding"].dtype)))
@@ -157,7 +162,8 @@ def train_step(state, images, lpips_params, *, vcfg, gen_tx, disc_tx, gan: bool)
   (grads,) = gen_vjp((g_recon, jnp.ones((), jnp.float32)))
   updates, opt_state = gen_tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  params, stats, restarted = _quantizer_update(vcfg, state, params, out, k_restart)
+  params, stats, restarted = quantizer_update(vcfg.quantizer, state.vq_stats, params,
+                                              out["z"].reshape(-1, out["z"].shape[-1]), out["codes"], k_restart)
   metrics.update(loss=nll + qloss, grad_norm=optax.tree.norm(grads), restarted_codes=restarted,
                  psnr=jnp.mean(vqgan_io.psnr(x, recon)), ssim=jnp.mean(vqgan_io.ssim(x, recon)),
                  **vqgan.codebook_metrics(out["codes"], vcfg.codebook_size))
