@@ -84,13 +84,19 @@ def _complete_steps(directory):
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def _kill_after_first_checkpoint(cmd, ckpt_dir, log, delay):
+def _kill_when(cmd, log, ready, poll_s, delay=0.0):
+  """Starts `cmd`, polls `ready()` every poll_s until it returns something truthy (or the run
+  ends), waits `delay` and SIGKILLs it. Returns ready()'s last value."""
+  seen = None
   with open(log, "w") as f:
     proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
       deadline = time.time() + 600
-      while not _complete_steps(ckpt_dir) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+      while proc.poll() is None and time.time() < deadline:
+        seen = ready()
+        if seen:
+          break
+        time.sleep(poll_s)
       time.sleep(delay)
       proc.send_signal(signal.SIGKILL)
       proc.wait(timeout=60)
@@ -98,6 +104,11 @@ def _kill_after_first_checkpoint(cmd, ckpt_dir, log, delay):
       if proc.poll() is None:
         proc.kill()
   assert proc.returncode == -signal.SIGKILL, open(log).read()[-3000:]
+  return seen
+
+
+def _kill_after_first_checkpoint(cmd, ckpt_dir, log, delay):
+  _kill_when(cmd, log, lambda: _complete_steps(ckpt_dir), 0.02, delay)
 
 
 def _partial_saves(directory):
@@ -110,22 +121,8 @@ def _partial_saves(directory):
 def _kill_during_a_save(cmd, ckpt_dir, log):
   """SIGKILLs the run while its second checkpoint is being written (its tmp folder exists).
   Returns the partial folder's name (empty if the run died or finished first)."""
-  partial = []
-  with open(log, "w") as f:
-    proc = subprocess.Popen(cmd, cwd=_ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
-    try:
-      deadline = time.time() + 600
-      while proc.poll() is None and time.time() < deadline:
-        partial = _partial_saves(ckpt_dir) if _complete_steps(ckpt_dir) else []
-        if partial:
-          break
-        time.sleep(0.002)
-      proc.send_signal(signal.SIGKILL)
-      proc.wait(timeout=60)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-  assert proc.returncode == -signal.SIGKILL, open(log).read()[-3000:]
+  partial = _kill_when(cmd, log, lambda: _complete_steps(ckpt_dir) and _partial_saves(ckpt_dir),
+                       0.002)
   return partial[0] if partial else ""
 
 
