@@ -115,6 +115,7 @@ def _tiny_tok_cfg():
   c.backbone_weights = c.loss.perceptual_weights = "random"
   c.generator.channels = c.generator.seg_channels = c.generator.spade_hidden = 8
   c.discriminator.channels = 8
+  c.loss.pixel = 1.0  # every generator term on (the tiny default uses it; base does not)
   return c
 
 
@@ -141,6 +142,10 @@ def test_one_gan_step_lowers_generator_and_discriminator_losses():
   assert float(g_loss(new["g_params"])) < float(g_loss(state["g_params"]))
   assert float(d_loss(new["d_params"])) < float(d_loss(state["d_params"]))
   assert int(new["step"]) == 1 and float(metrics["perceptual"]) > 0 and float(metrics["feature_matching"]) > 0
+  terms = (cfg.loss.adversarial * metrics["g_adv"] + cfg.loss.acgan * metrics["g_acgan"]
+           + cfg.loss.feature_matching * metrics["feature_matching"]
+           + cfg.loss.perceptual * metrics["perceptual"] + cfg.loss.pixel * metrics["pixel_l1"])
+  assert float(metrics["pixel_l1"]) > 0 and np.isclose(float(terms), float(metrics["g_loss"]), rtol=1e-5)
 
 
 def _system_config():

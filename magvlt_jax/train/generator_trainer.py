@@ -6,6 +6,7 @@ generator's input, as the paper: quantized grid features) -> fake images. Losses
   D: hinge(real, fake) * w_adv + [CE(cls(real), ids) + CE(cls(fake), ids)] * w_acgan
   G: -D_adv(fake) * w_adv + CE(cls(fake), ids) * w_acgan
      + w_fm * sum_k Huber(D_k(fake), D_k(real)) + w_perc * sum_k Huber(E_k(fake), E_k(real))
+     + w_pix * mean |fake - real|   (ours; 0 at base, the paper has no pixel term)
 with D_k the discriminator's block outputs and E_k EfficientNet-Lite0's 4 stage maps (the paper's
 ResNet-50 is not in the project); Huber delta 1 averaged over each map, weights (1, 1, 10, 10).
 Adam (0, 0.999), TTUR 4e-4 (G) / 1e-4 (D); one power iteration of every spectral norm per step.
@@ -88,8 +89,11 @@ def generator_loss(g_params, state, frozen, batch, rng, cfg):
     e_f = grid_features.stage_maps(frozen["perceptual"], _to255(fake))
     e_r = jax.lax.stop_gradient(grid_features.stage_maps(frozen["perceptual"], _to255(x)))
     perc = sum(huber(e_f[k], e_r[k]) for k in e_f)
-  loss = w.adversarial * adv + w.acgan * ac + w.feature_matching * fm + w.perceptual * perc
-  return loss, (fake, dict(g_loss=loss, g_adv=adv, g_acgan=ac, feature_matching=fm, perceptual=perc))
+  pix = jnp.mean(jnp.abs(fake - x.astype(jnp.float32)))
+  loss = (w.adversarial * adv + w.acgan * ac + w.feature_matching * fm + w.perceptual * perc
+          + w.pixel * pix)
+  return loss, (fake, dict(g_loss=loss, g_adv=adv, g_acgan=ac, feature_matching=fm, perceptual=perc,
+                           pixel_l1=pix))
 
 
 def discriminator_loss(d_params, state, batch, fake, cfg):
